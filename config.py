@@ -1,0 +1,137 @@
+"""Every hyperparameter in one dataclass. Edit the defaults here or pass `--field value` flags."""
+import argparse
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+
+SHARE_LAYOUTS = ("none", "sequence", "cycle", "cycle_rev")
+TOKENIZERS = ("word", "bpe")
+AMP_MODES = ("auto", "fp16", "bf16", "off")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "opus_books"  # Hugging Face dataset (Helsinki-NLP/<name>); ignored when data_files is set
+    lang_src: str = "en"  # source language key in the rows' "translation" dict
+    lang_tgt: str = "fr"  # target language key in the rows' "translation" dict
+    data_files: list[str] = field(default_factory=list)  # local .jsonl/.tsv/.parquet files; empty = the hub dataset
+    val_fraction: float = 0.1  # share of pairs held out for validation (seeded, stable split)
+    max_src_tokens: int = 150  # drop training pairs whose source has more tokens than this
+    max_len_diff: int = 10  # drop training pairs whose target is longer than source + this (in tokens)
+    max_positions: int = 1024  # longest sequence the model accepts (sinusoidal table size)
+    tokenizer: str = "word"  # word: one word-level vocabulary per language; bpe: one joint subword vocabulary
+    vocab_size: int = 16000  # joint vocabulary size for tokenizer=bpe
+    min_frequency: int = 2  # a word needs this many occurrences to enter a word-level vocabulary
+    # model
+    d_model: int = 512  # width of embeddings and residual stream
+    n_heads: int = 8  # attention heads; must divide d_model
+    d_ff: int = 128  # hidden width of the feed-forward sublayer
+    n_layers: int = 6  # layers in the encoder and in the decoder
+    n_unique_layers: int = 3  # distinct blocks those layers are drawn from (ignored when share=none)
+    share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
+    tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)
+    dropout: float = 0.1  # dropout on embeddings, attention and residual branches
+    # optimisation
+    epochs: int = 10  # passes over the training split
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    batch_size: int = 32  # sentences per batch when max_tokens = 0
+    max_tokens: int = 4096  # padded source + target tokens per batch (0 = use batch_size)
+    bucketing: bool = True  # group sentences of similar length into batches (false = random batches)
+    pad_multiple: int = 1  # pad batch lengths up to a multiple of this (8 suits tensor cores)
+    lr: float = 1e-3  # OneCycle peak learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    pct_start: float = 0.1  # share of steps spent warming up to the peak lr
+    div_factor: float = 10.0  # initial lr = lr / div_factor
+    final_div_factor: float = 10.0  # final lr = initial lr / final_div_factor
+    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    nan_patience: int = 3  # stop after this many consecutive steps with a non-finite loss
+    # system
+    amp: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or off
+    compile: bool = False  # torch.compile the model for training
+    device: str = "auto"  # auto (cuda if available), cuda or cpu
+    seed: int = 42  # seeds the split, the batches, initialisation and dropout
+    num_workers: int = 0  # DataLoader worker processes
+    run_dir: str = "runs/opus_books"  # where checkpoints, metrics and TensorBoard logs go
+    resume: str = ""  # "" = fresh run, "auto" = run_dir/last.pt if it exists, or a checkpoint path
+    log_every: int = 50  # steps between progress-bar and TensorBoard updates
+    # evaluation
+    n_eval_sentences: int = 500  # validation sentences translated each epoch for BLEU/chrF/CER/WER
+    beam: int = 1  # beam size for evaluation translations (1 = greedy)
+    length_penalty: float = 0.6  # GNMT length-penalty alpha for beam search
+    max_len_extra: int = 50  # a translation may be this many tokens longer than its source
+
+    def validate(self):
+        """Raise ValueError with a one-line message naming the flag to change."""
+        def require(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        require(self.share in SHARE_LAYOUTS, f"--share must be one of {', '.join(SHARE_LAYOUTS)} (got {self.share!r})")
+        require(self.tokenizer in TOKENIZERS, f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
+        require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)} (got {self.amp!r})")
+        require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
+        for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "epochs", "batch_size",
+                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pad_multiple",
+                     "nan_patience", "log_every", "beam"):
+            require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
+        for name in ("max_steps", "max_tokens", "max_len_diff", "num_workers", "n_eval_sentences", "grad_clip",
+                     "dropout", "weight_decay", "label_smoothing", "length_penalty", "max_len_extra"):
+            require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
+        require(self.d_model % self.n_heads == 0,
+                f"n_heads must divide d_model (got {self.d_model} and {self.n_heads})")
+        require(self.n_unique_layers <= self.n_layers,
+                f"--n_unique_layers must not exceed --n_layers (got {self.n_unique_layers} > {self.n_layers})")
+        require(not (self.tie_embeddings and self.tokenizer != "bpe"),
+                "--tie_embeddings true needs --tokenizer bpe (word mode has two vocabularies)")
+        require(0 < self.val_fraction < 1, f"--val_fraction must be between 0 and 1 (got {self.val_fraction})")
+        require(self.dropout < 1, f"--dropout must be below 1 (got {self.dropout})")
+        require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")
+        require(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        require(0 < self.pct_start < 1, f"--pct_start must be between 0 and 1 (got {self.pct_start})")
+        require(self.div_factor > 0 and self.final_div_factor > 0, "--div_factor and --final_div_factor must be positive")
+        require(self.max_tokens == 0 or self.max_tokens >= 2 * self.pad_multiple,
+                f"--max_tokens must be 0 or at least {2 * self.pad_multiple} (got {self.max_tokens})")
+        for path in self.data_files:
+            require(path.endswith((".jsonl", ".json", ".tsv", ".parquet")),
+                    f"--data_files takes .jsonl, .tsv or .parquet files (got {path!r})")
+
+    @classmethod
+    def from_args(cls, argv=None, prog=None):
+        """Build a Config from `--field value` flags; bad flags or values exit with one line."""
+        parser = _OneLineParser(prog=prog, description="Every flag is a field of config.Config.")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kind = hints[f.name]
+            if kind is bool:
+                parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="true|false")
+            elif kind == list[str]:
+                parser.add_argument(f"--{f.name}", nargs="*", default=default, metavar="FILE")
+            else:
+                parser.add_argument(f"--{f.name}", type=kind, default=default)
+        config = cls(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
+        try:
+            config.validate()
+        except ValueError as error:
+            parser.error(str(error))
+        return config
+
+
+def _parse_bool(text):
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage on error; we print the one line that says what to fix."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -1,0 +1,290 @@
+"""Sentence pairs in, batches of token ids out: loading, splitting, tokenizers, length filters, batching.
+
+Knows nothing about the model. User mistakes (missing files, malformed lines, no usable pairs)
+raise SystemExit with one line that names the file and line, so scripts never print a traceback.
+"""
+import json
+import math
+import os
+import random
+import re
+from functools import partial
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
+SPECIAL_TOKENS = [PAD, UNK, SOS, EOS]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_pairs(cfg):
+    """(source, target) string pairs from local files or the hub, plus the count of unusable rows dropped."""
+    if cfg.data_files:
+        return read_pairs(cfg.data_files, cfg.lang_src, cfg.lang_tgt)
+    return _usable_pairs(_hub_rows(cfg.dataset, cfg.lang_src, cfg.lang_tgt), cfg.lang_src, cfg.lang_tgt,
+                         f"Helsinki-NLP/{cfg.dataset}")
+
+
+def read_pairs(paths, src, tgt):
+    """Pairs from local .jsonl (opus_books rows), .tsv (source<TAB>target) or .parquet files."""
+    rows = (row for path in paths for row in _read_rows(path, src, tgt))
+    return _usable_pairs(rows, src, tgt, ", ".join(paths))
+
+
+def _usable_pairs(rows, src, tgt, origin):
+    pairs, dropped = [], 0
+    for row in rows:
+        pair = _pair_from_row(row, src, tgt)
+        if pair is None:
+            dropped += 1
+        else:
+            pairs.append(pair)
+    if not pairs:
+        raise SystemExit(f"error: no usable {src}-{tgt} pairs in {origin} ({dropped} rows dropped)")
+    return pairs, dropped
+
+
+def _pair_from_row(row, src, tgt):
+    """Rows follow the opus_books schema {"translation": {src: ..., tgt: ...}}; unusable rows give None."""
+    translation = row.get("translation") if isinstance(row, dict) else None
+    if not isinstance(translation, dict):
+        return None
+    source, target = translation.get(src), translation.get(tgt)
+    if not (isinstance(source, str) and isinstance(target, str)):
+        return None
+    source, target = source.strip(), target.strip()
+    return (source, target) if source and target else None
+
+
+def _read_rows(path, src, tgt):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: data file not found: {path}")
+    if path.endswith(".parquet"):
+        import datasets  # slow to import; only the hub and Parquet need it
+        try:
+            yield from datasets.load_dataset("parquet", data_files=[path], split="train")
+        except Exception as error:
+            raise SystemExit(f"error: {path}: not a readable Parquet file ({type(error).__name__})") from None
+        return
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            if path.endswith(".tsv"):
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) != 2:
+                    raise SystemExit(f"error: {path}:{number}: expected source<TAB>target, found {len(fields)} fields")
+                yield {"translation": {src: fields[0], tgt: fields[1]}}
+            else:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise SystemExit(f"error: {path}:{number}: malformed JSON ({error.msg})") from None
+
+
+def _hub_rows(name, src, tgt):
+    import datasets
+    import huggingface_hub
+    # Without a network the hub client retries for a while and logs every retry; the user gets one line instead.
+    datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    config = "-".join(sorted((src, tgt)))  # opus_books names its configs alphabetically, e.g. "en-fr"
+    try:
+        return datasets.load_dataset(f"Helsinki-NLP/{name}", config, split="train")
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SystemExit(f"error: could not load Helsinki-NLP/{name} ({config}) from the Hugging Face hub ({reason}); "
+                         "to train offline pass local files: --data_files pairs.jsonl "
+                         '(one {"translation": {"en": ..., "fr": ...}} per line)') from None
+
+
+def split_pairs(pairs, val_fraction, seed):
+    """Seeded split: the same pairs and seed always give the same train/validation sets."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(pairs) * val_fraction))
+    if n_val >= len(pairs):
+        raise SystemExit(f"error: {len(pairs)} pairs are too few to split off a validation set; add data")
+    return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def train_tokenizers(train_pairs, cfg):
+    """Word mode: one WordLevel tokenizer per language. BPE mode: one joint tokenizer, returned twice."""
+    sources = [source for source, _ in train_pairs]
+    targets = [target for _, target in train_pairs]
+    if cfg.tokenizer == "word":
+        return _train_word(sources, cfg.min_frequency), _train_word(targets, cfg.min_frequency)
+    tokenizer = Tokenizer(models.BPE())
+    # Byte-level pieces cover every string and keep every space, so decoding restores the text exactly.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(sources + targets, trainer)
+    return tokenizer, tokenizer
+
+
+def _train_word(texts, min_frequency):
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def tokenizer_from_json(text):
+    return Tokenizer.from_str(text)
+
+
+def special_ids(tokenizer):
+    return {name: tokenizer.token_to_id(token) for name, token in zip(("pad", "unk", "sos", "eos"), SPECIAL_TOKENS)}
+
+
+def encode(tokenizer, texts):
+    return [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+# Word mode splits punctuation off words; these rules put French and English text back together.
+_NO_SPACE_BEFORE = re.compile(r" ([,.)\]}…]|'|’|-)")
+_NO_SPACE_AFTER = re.compile(r"([(\[{'’-]) ")
+
+
+def decode(tokenizer, ids, word_level):
+    """Token ids to text. BPE decoding is lossless; word-level output is re-joined to read naturally."""
+    if not word_level:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    text = " ".join(tokenizer.id_to_token(i) for i in ids if tokenizer.id_to_token(i) not in SPECIAL_TOKENS)
+    return _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
+
+
+# ---------------------------------------------------------------- filtering and the Dataset
+
+def length_filter(src_ids, tgt_ids, max_src_tokens, max_len_diff):
+    """Indices of pairs kept by the assignment's filters, measured in tokens (not characters)."""
+    return [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids))
+            if len(s) <= max_src_tokens and len(t) <= len(s) + max_len_diff]
+
+
+class TranslationDataset(torch.utils.data.Dataset):
+    """Unpadded examples: source + EOS, decoder input SOS + target, labels target + EOS."""
+
+    def __init__(self, src_ids, tgt_ids, sos_id, eos_id):
+        self.src_ids, self.tgt_ids, self.sos_id, self.eos_id = src_ids, tgt_ids, sos_id, eos_id
+
+    def __len__(self):
+        return len(self.src_ids)
+
+    def __getitem__(self, index):
+        src, tgt = self.src_ids[index], self.tgt_ids[index]
+        return (torch.tensor(src + [self.eos_id]), torch.tensor([self.sos_id] + tgt), torch.tensor(tgt + [self.eos_id]))
+
+    def lengths(self):
+        """(source, target) lengths of each example as the model sees them, specials included."""
+        return [(len(s) + 1, len(t) + 1) for s, t in zip(self.src_ids, self.tgt_ids)]
+
+
+def padded_length(length, multiple):
+    return math.ceil(length / multiple) * multiple
+
+
+def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None):
+    """Pad source and target to this batch's own longest sequence (or to fixed_lengths); never truncate."""
+    sources, decoder_inputs, labels = zip(*examples)
+    if fixed_lengths is None:
+        src_len = padded_length(max(len(s) for s in sources), pad_multiple)
+        tgt_len = padded_length(max(len(t) for t in labels), pad_multiple)
+    else:
+        src_len, tgt_len = fixed_lengths
+
+    def pad(sequences, length):
+        batch = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            batch[row, :len(sequence)] = sequence
+        return batch
+
+    return {"src": pad(sources, src_len), "tgt_in": pad(decoder_inputs, tgt_len), "labels": pad(labels, tgt_len)}
+
+
+def make_collate(pad_id, pad_multiple=1, fixed_lengths=None):
+    """A picklable collate function, so DataLoader workers can use it."""
+    return partial(collate, pad_id=pad_id, pad_multiple=pad_multiple, fixed_lengths=fixed_lengths)
+
+
+# ---------------------------------------------------------------- batching
+
+class BatchSampler:
+    """Batches of example indices, fresh for every (seed, epoch).
+
+    bucketing=True shuffles, sorts pools of ~`pool_batches` batches by length, cuts batches by
+    `max_tokens` (padded source + target tokens) or by `batch_size`, then shuffles the batch order,
+    so batches hold sentences of similar length and almost nothing is padding.
+    bucketing=False cuts the shuffled examples in order (random batches).
+    With world_size > 1 each rank gets a disjoint shard with the same number of batches.
+    `start_batch` skips batches of the current epoch already trained (mid-epoch resume).
+    """
+
+    def __init__(self, lengths, batch_size, max_tokens=0, bucketing=True, shuffle=True, seed=0,
+                 rank=0, world_size=1, pad_multiple=1, pool_batches=100):
+        self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
+        self.bucketing, self.shuffle, self.seed = bucketing, shuffle, seed
+        self.rank, self.world_size, self.pad_multiple, self.pool_batches = rank, world_size, pad_multiple, pool_batches
+        self.epoch, self.start_batch, self._cached = 0, 0, None
+        if len(lengths) < world_size:
+            raise SystemExit(f"error: {len(lengths)} training pairs cannot be shared among {world_size} processes")
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches(self):
+        """Every batch of this rank for the current epoch, including those before start_batch."""
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, self._make_batches())
+        return self._cached[1]
+
+    def _make_batches(self):
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.bucketing:
+            pool = self.pool_batches * (self.batch_size if not self.max_tokens else
+                                        max(1, self.max_tokens // max(1, self._mean_length())))
+            order = [i for start in range(0, len(order), pool)
+                     for i in sorted(order[start:start + pool], key=lambda i: self.lengths[i])]
+        batches = self._cut(order)
+        if self.shuffle:
+            rng.shuffle(batches)
+        while len(batches) % self.world_size:  # split the largest batch until every rank gets as many
+            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+            batch = batches.pop(largest)
+            batches[largest:largest] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+        return batches[self.rank::self.world_size]
+
+    def _mean_length(self):
+        return sum(s + t for s, t in self.lengths) // len(self.lengths)
+
+    def _cut(self, order):
+        batches, batch, src_max, tgt_max = [], [], 0, 0
+        for i in order:
+            src_len, tgt_len = self.lengths[i]
+            new_src, new_tgt = max(src_max, src_len), max(tgt_max, tgt_len)
+            cost = (len(batch) + 1) * (padded_length(new_src, self.pad_multiple) + padded_length(new_tgt, self.pad_multiple))
+            full = cost > self.max_tokens if self.max_tokens else len(batch) == self.batch_size
+            if batch and full:
+                batches.append(batch)
+                batch, new_src, new_tgt = [], src_len, tgt_len
+            batch.append(i)
+            src_max, tgt_max = new_src, new_tgt
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches()[self.start_batch:])
+
+    def __len__(self):
+        return len(self.batches()) - self.start_batch

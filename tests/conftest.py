@@ -1,0 +1,52 @@
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pairs.jsonl")
+sys.path.insert(0, ROOT)
+
+from model import Transformer  # noqa: E402
+
+PAD, SOS, EOS = 0, 2, 3
+TINY = ["--d_model", "32", "--n_heads", "2", "--d_ff", "64", "--n_layers", "2", "--n_unique_layers", "1",
+        "--device", "cpu", "--max_tokens", "600", "--n_eval_sentences", "8", "--log_every", "5"]
+
+
+def tiny_args(run_dir, *extra):
+    return ["--data_files", FIXTURE, "--run_dir", str(run_dir), *TINY, *extra]
+
+
+def run_script(script, *args, stdin=None, timeout=300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def make_model(vocab=40, share="none", n_layers=2, n_unique=2, tie=False, dropout=0.0, seed=0, d_model=32):
+    torch.manual_seed(seed)
+    return Transformer(vocab, vocab, PAD, d_model=d_model, n_heads=4, d_ff=64, n_layers=n_layers,
+                       n_unique_layers=n_unique, share=share, tie_embeddings=tie, dropout=dropout).eval()
+
+
+def random_batch(lengths, vocab=40, seed=0):
+    """Right-padded (B, max) tensor of random ids in [4, vocab) with the given lengths (EOS last)."""
+    generator = torch.Generator().manual_seed(seed)
+    batch = torch.full((len(lengths), max(lengths)), PAD)
+    for row, length in enumerate(lengths):
+        batch[row, :length - 1] = torch.randint(4, vocab, (length - 1,), generator=generator)
+        batch[row, length - 1] = EOS
+    return batch
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """train.main installs SIGINT/SIGTERM handlers; tests that call it in-process must not leak them."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

@@ -1,0 +1,42 @@
+import pytest
+
+from config import Config
+
+
+def test_defaults_reproduce_the_reference_recipe():
+    cfg = Config.from_args([])
+    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == (512, 8, 128, 6, 3, "cycle_rev")
+    assert (cfg.dataset, cfg.lang_src, cfg.lang_tgt, cfg.tokenizer, cfg.amp) == ("opus_books", "en", "fr", "word", "auto")
+    assert (cfg.lr, cfg.label_smoothing, cfg.dropout, cfg.batch_size) == (1e-3, 0.1, 0.1, 32)
+
+
+def test_flags_are_derived_from_fields():
+    cfg = Config.from_args(["--epochs", "3", "--d_model", "256", "--data_files", "a.jsonl", "b.tsv",
+                            "--compile", "true", "--lr", "5e-4", "--share", "cycle"])
+    assert cfg.epochs == 3 and cfg.d_model == 256 and cfg.data_files == ["a.jsonl", "b.tsv"]
+    assert cfg.compile is True and cfg.lr == 5e-4 and cfg.share == "cycle"
+    assert Config.from_args(["--compile", "false"]).compile is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_heads", "7"], "n_heads must divide d_model (got 512 and 7)"),
+    (["--share", "ring"], "--share must be one of none, sequence, cycle, cycle_rev"),
+    (["--n_unique_layers", "7"], "--n_unique_layers must not exceed --n_layers"),
+    (["--tie_embeddings", "true"], "--tie_embeddings true needs --tokenizer bpe"),
+    (["--amp", "fp8"], "--amp must be one of"),
+    (["--val_fraction", "1.5"], "--val_fraction must be between 0 and 1"),
+    (["--d_model", "big"], "argument --d_model: invalid int value"),
+    (["--compile", "maybe"], "expected true or false"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
+    (["--data_files", "pairs.csv"], "--data_files takes .jsonl, .tsv or .parquet"),
+])
+def test_bad_flags_exit_with_one_line_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        Config.from_args(argv)
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_tying_is_accepted_with_bpe():
+    assert Config.from_args(["--tokenizer", "bpe", "--tie_embeddings", "true"]).tie_embeddings

@@ -1,0 +1,180 @@
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+import dataset
+from config import Config
+from conftest import FIXTURE
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_collate_keeps_every_token_and_eos_of_the_longest_sentence():
+    data = dataset.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14]], [[20], [21, 22], [23, 24, 25, 26, 27]],
+                                      sos_id=2, eos_id=3)
+    batch = dataset.collate([data[i] for i in range(3)], pad_id=0)
+    assert batch["src"].tolist()[1] == [7, 8, 9, 10, 11, 12, 13, 3]
+    assert batch["labels"].tolist()[2] == [23, 24, 25, 26, 27, 3]
+    assert batch["tgt_in"].tolist()[2] == [2, 23, 24, 25, 26, 27]
+    assert batch["src"].shape == (3, 8) and batch["labels"].shape == (3, 6)  # padded to its own longest, no more
+    assert dataset.collate([data[0]], pad_id=0, pad_multiple=8)["src"].shape == (1, 8)
+
+
+def test_every_token_of_the_fixture_reaches_a_batch():
+    cfg = Config(data_files=[FIXTURE])
+    pairs, _ = dataset.load_pairs(cfg)
+    src_tok, tgt_tok = dataset.train_tokenizers(pairs, cfg)
+    ids = dataset.special_ids(tgt_tok)
+    src_ids, tgt_ids = dataset.encode(src_tok, [s for s, _ in pairs]), dataset.encode(tgt_tok, [t for _, t in pairs])
+    data = dataset.TranslationDataset(src_ids, tgt_ids, ids["sos"], ids["eos"])
+    sampler = dataset.BatchSampler(data.lengths(), batch_size=32, max_tokens=700, seed=3)
+    for indices in sampler:
+        batch = dataset.collate([data[i] for i in indices], ids["pad"], pad_multiple=8)
+        for row, i in enumerate(indices):
+            assert batch["src"][row, :len(src_ids[i]) + 1].tolist() == src_ids[i] + [ids["eos"]]
+            assert batch["labels"][row, :len(tgt_ids[i]) + 1].tolist() == tgt_ids[i] + [ids["eos"]]
+            assert (batch["src"][row, len(src_ids[i]) + 1:] == ids["pad"]).all()
+
+
+def test_length_filters_count_tokens_not_characters():
+    src = [[1] * 150, [1] * 151, [1] * 5, [1] * 5, [1] * 3]
+    tgt = [[1] * 160, [1] * 10, [1] * 15, [1] * 16, [1]]
+    assert dataset.length_filter(src, tgt, max_src_tokens=150, max_len_diff=10) == [0, 2, 4]
+
+
+def test_unusable_rows_are_dropped_and_counted(tmp_path):
+    rows = [{"translation": {"en": "Hello.", "fr": "Bonjour."}}, {"translation": {"en": "  ", "fr": "Vide."}},
+            {"translation": {"en": "No target."}}, {"translation": {"en": 3, "fr": "Nombre."}}, {"other": 1},
+            {"translation": {"en": " Spaces. ", "fr": " Espaces. "}}]
+    path = write(tmp_path / "rows.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    pairs, dropped = dataset.read_pairs([path], "en", "fr")
+    assert pairs == [("Hello.", "Bonjour."), ("Spaces.", "Espaces.")] and dropped == 4
+
+
+def test_tsv_files_hold_source_tab_target(tmp_path):
+    path = write(tmp_path / "pairs.tsv", "Hello.\tBonjour.\nThanks.\tMerci.\n")
+    assert dataset.read_pairs([path], "en", "fr")[0] == [("Hello.", "Bonjour."), ("Thanks.", "Merci.")]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("broken.jsonl", '{"translation": {"en": "a", "fr": "b"}}\n' * 5 + '{"translation": \n', "broken.jsonl:6: malformed JSON"),
+    ("broken.tsv", "a\tb\nno tab here\n", "broken.tsv:2: expected source<TAB>target"),
+    ("empty.jsonl", '{"translation": {"en": "", "fr": ""}}\n', "no usable en-fr pairs"),
+])
+def test_bad_files_fail_with_file_and_line(tmp_path, name, text, message):
+    with pytest.raises(SystemExit, match=message):
+        dataset.read_pairs([write(tmp_path / name, text)], "en", "fr")
+
+
+def test_missing_file_is_named():
+    with pytest.raises(SystemExit, match="data file not found: nowhere.jsonl"):
+        dataset.read_pairs(["nowhere.jsonl"], "en", "fr")
+
+
+def test_parquet_goes_through_the_same_rows(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+    path = str(tmp_path / "pairs.parquet")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(
+        [{"id": "0", "translation": {"en": "Hello.", "fr": "Bonjour."}}]), path)
+    assert dataset.read_pairs([path], "en", "fr")[0] == [("Hello.", "Bonjour.")]
+
+
+def test_split_is_seeded_and_stable():
+    pairs = [(str(i), str(i)) for i in range(100)]
+    train_a, val_a = dataset.split_pairs(pairs, 0.1, seed=1)
+    train_b, val_b = dataset.split_pairs(pairs, 0.1, seed=1)
+    assert val_a == val_b and train_a == train_b and len(val_a) == 10
+    assert sorted(train_a + val_a) == sorted(pairs)
+    assert dataset.split_pairs(pairs, 0.1, seed=2)[1] != val_a
+
+
+def test_bpe_is_joint_and_restores_spacing_exactly():
+    pairs, _ = dataset.load_pairs(Config(data_files=[FIXTURE]))
+    src_tok, tgt_tok = dataset.train_tokenizers(pairs, Config(tokenizer="bpe", vocab_size=500))
+    assert src_tok is tgt_tok
+    for text in ["Je n'ai pas faim.", "Where is the  station ?", "« Qu'est-ce que c'est ? » ☃", "Tom"]:
+        ids = dataset.encode(src_tok, [text])[0]
+        assert dataset.decode(src_tok, ids, word_level=False) == text
+
+
+def test_word_tokenizers_use_min_frequency_and_specials():
+    pairs = [("the cat", "le chat"), ("the dog", "le chien")]
+    src_tok, tgt_tok = dataset.train_tokenizers(pairs, Config(tokenizer="word", min_frequency=2))
+    assert dataset.special_ids(src_tok) == dataset.special_ids(tgt_tok) == {"pad": 0, "unk": 1, "sos": 2, "eos": 3}
+    assert src_tok.token_to_id("the") is not None and src_tok.token_to_id("cat") is None
+
+
+def test_word_level_output_reads_naturally():
+    pairs = [("x", "Je n'ai pas d'eau, aujourd'hui. Est-ce vrai ? (oui) 50 %")] * 2
+    _, tgt_tok = dataset.train_tokenizers(pairs, Config(tokenizer="word", min_frequency=1))
+    ids = dataset.encode(tgt_tok, [pairs[0][1]])[0]
+    assert dataset.decode(tgt_tok, ids, word_level=True) == "Je n'ai pas d'eau, aujourd'hui. Est-ce vrai ? (oui) 50 %"
+
+
+def lengths(n=500, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sources = torch.randint(2, 60, (n,), generator=g)
+    targets = (sources + torch.randint(-3, 6, (n,), generator=g)).clamp(min=2)  # translations track source length
+    return list(zip(sources.tolist(), targets.tolist()))
+
+
+@pytest.mark.parametrize("bucketing", [True, False])
+def test_sampler_covers_every_example_once_per_epoch(bucketing):
+    sampler = dataset.BatchSampler(lengths(), batch_size=16, max_tokens=1000, bucketing=bucketing, seed=0)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        seen = Counter(i for batch in sampler for i in batch)
+        assert sorted(seen) == list(range(500)) and set(seen.values()) == {1}
+
+
+def test_sampler_respects_the_token_budget_and_varies_by_epoch():
+    lens = lengths()
+    sampler = dataset.BatchSampler(lens, batch_size=16, max_tokens=1000, seed=0, pad_multiple=8)
+    for batch in sampler:
+        src = dataset.padded_length(max(lens[i][0] for i in batch), 8)
+        tgt = dataset.padded_length(max(lens[i][1] for i in batch), 8)
+        assert len(batch) * (src + tgt) <= 1000 or len(batch) == 1
+    first = sampler.batches()
+    sampler.set_epoch(1)
+    assert sampler.batches() != first
+
+
+def test_sampler_is_deterministic_and_resumes_mid_epoch():
+    a = dataset.BatchSampler(lengths(), batch_size=16, seed=5)
+    b = dataset.BatchSampler(lengths(), batch_size=16, seed=5)
+    a.set_epoch(2)
+    b.set_epoch(2, start_batch=7)
+    assert list(a)[7:] == list(b) and len(b) == len(a) - 7
+
+
+def test_bucketing_cuts_padding():
+    lens = lengths(2000)
+
+    def pad_fraction(bucketing):
+        sampler = dataset.BatchSampler(lens, batch_size=32, bucketing=bucketing, seed=0)
+        real = padded = 0
+        for batch in sampler:
+            real += sum(lens[i][0] + lens[i][1] for i in batch)
+            padded += len(batch) * (max(lens[i][0] for i in batch) + max(lens[i][1] for i in batch))
+        return 1 - real / padded
+
+    assert pad_fraction(True) < 0.2 < pad_fraction(False)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sampler_is_disjoint_complete_and_balanced(world_size):
+    shards = []
+    for rank in range(world_size):
+        sampler = dataset.BatchSampler(lengths(101), batch_size=16, max_tokens=900, seed=1, rank=rank,
+                                       world_size=world_size)
+        shards.append([i for batch in sampler for i in batch])
+        assert len(sampler) == len(dataset.BatchSampler(lengths(101), batch_size=16, max_tokens=900, seed=1,
+                                                        rank=0, world_size=world_size))
+    everything = [i for shard in shards for i in shard]
+    assert sorted(everything) == list(range(101))
