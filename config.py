@@ -38,7 +38,7 @@ class Config:
     epochs: int = 10  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     batch_size: int = 32  # sentences per batch when max_tokens = 0
-    max_tokens: int = 4096  # padded source + target tokens per batch (0 = use batch_size)
+    max_tokens: int = 0  # padded source + target tokens per batch (0 = batches of batch_size sentences)
     bucketing: bool = True  # group sentences of similar length into batches (false = random batches)
     pad_multiple: int = 1  # pad batch lengths up to a multiple of this (8 suits tensor cores)
     lr: float = 1e-3  # OneCycle peak learning rate

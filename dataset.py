@@ -254,7 +254,7 @@ class BatchSampler:
             pool = self.pool_batches * (self.batch_size if not self.max_tokens else
                                         max(1, self.max_tokens // max(1, self._mean_length())))
             order = [i for start in range(0, len(order), pool)
-                     for i in sorted(order[start:start + pool], key=lambda i: self.lengths[i])]
+                     for i in sorted(order[start:start + pool], key=self._snake)]
         batches = self._cut(order)
         if self.shuffle:
             rng.shuffle(batches)
@@ -263,6 +263,12 @@ class BatchSampler:
             batch = batches.pop(largest)
             batches[largest:largest] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
         return batches[self.rank::self.world_size]
+
+    def _snake(self, i):
+        """Sort by source length, then by target length alternately up and down, so that a batch
+        straddling two source lengths holds targets of similar length."""
+        src_len, tgt_len = self.lengths[i]
+        return src_len, tgt_len if src_len % 2 == 0 else -tgt_len
 
     def _mean_length(self):
         return sum(s + t for s, t in self.lengths) // len(self.lengths)

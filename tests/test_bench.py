@@ -1,0 +1,22 @@
+import json
+
+from conftest import TINY, FIXTURE, run_script
+
+
+def test_bench_prints_one_json_object_with_every_variant():
+    result = run_script("bench.py", "--data_files", FIXTURE, "--seconds", "0.3", "--decode_sentences", "8", *TINY)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["variants"]) == {"fixed", "dynamic", "bucketed", "bucketed_amp"}
+    for variant in report["variants"].values():
+        assert variant["real_tokens_per_sec"] > 0 and 0 <= variant["pad_fraction"] < 1
+    assert report["ratios_vs_dynamic"]["dynamic"] == 1.0
+    pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
+    assert pads["fixed"] > pads["dynamic"] > pads["bucketed"]
+    assert {"greedy_no_cache_sentences_per_sec", "greedy_cache_sentences_per_sec", "beam4_sentences_per_sec"} <= \
+        set(report["decoding"])
+
+
+def test_bench_refuses_to_download():
+    result = run_script("bench.py", "--seconds", "1")
+    assert result.returncode != 0 and "needs --data_files" in result.stderr

@@ -1,0 +1,83 @@
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+import dataset
+import train
+from config import Config
+from conftest import EOS, ROOT, SOS, PAD, make_model, tiny_args
+
+CFG = Config(dropout=0.0)
+STEPS = 4
+
+
+def examples(n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    data = dataset.TranslationDataset(
+        [torch.randint(4, 40, (int(torch.randint(1, 9, (), generator=generator)),), generator=generator).tolist()
+         for _ in range(n)],
+        [torch.randint(4, 40, (int(torch.randint(1, 9, (), generator=generator)),), generator=generator).tolist()
+         for _ in range(n)], SOS, EOS)
+    return [data[i] for i in range(n)]
+
+
+def rank_batches(step):
+    """Per step, rank 0 and rank 1 get different numbers of sentences and tokens."""
+    return examples(3, seed=2 * step), examples(5, seed=2 * step + 1)
+
+
+def train_steps(model, batches_for_step, world_size):
+    # SGD, not Adam: Adam turns the float noise of mathematically-zero gradients (attention key biases)
+    # into lr-sized steps, which would hide what this test checks: DDP gradients equal one big batch's.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    step_model = DistributedDataParallel(model) if world_size > 1 else model
+    for step in range(STEPS):
+        batch = dataset.collate(batches_for_step(step), PAD)
+        train.train_step(step_model, batch, optimizer, scheduler, scaler, (torch.device("cpu"), None), CFG, PAD,
+                         world_size)
+
+
+def ddp_worker(rank, world_size, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    model = make_model(seed=rank).train()  # different seeds: DDP must broadcast rank 0's weights
+    train_steps(model, lambda step: rank_batches(step)[rank], world_size)
+    if rank == 0:
+        torch.save(model.state_dict(), out_path)
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
+    out_path = str(tmp_path / "ddp.pt")
+    mp.spawn(ddp_worker, args=(2, free_port(), out_path), nprocs=2, join=True)
+    single = make_model(seed=0).train()
+    train_steps(single, lambda step: [*rank_batches(step)[0], *rank_batches(step)[1]], world_size=1)
+    ddp_state = torch.load(out_path)
+    untrained = make_model(seed=0).state_dict()
+    moved = max(float((value - untrained[name]).abs().max()) for name, value in single.state_dict().items())
+    assert moved > 1e-2
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], value, rtol=0, atol=1e-6)
+
+
+def test_torchrun_trains_on_two_cpu_processes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port", str(free_port()), os.path.join(ROOT, "train.py"),
+                             *tiny_args(tmp_path, "--epochs", "1")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "world size 2" in result.stdout and result.stdout.count("unique parameters") == 1

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+import train
+from conftest import EOS, PAD, SOS, make_model, random_batch, run_script, tiny_args
+from model import beam_search, greedy_search, length_normalized, translate
+
+
+def trained_ish_model(share="none", n_layers=2, n_unique=2):
+    """A random model whose outputs are peaked enough that greedy and beam search differ in interesting ways."""
+    model = make_model(vocab=30, share=share, n_layers=n_layers, n_unique=n_unique, seed=3)
+    with torch.no_grad():
+        model.output.weight.mul_(6)
+    return model
+
+
+SOURCES = random_batch([7, 3, 9, 5, 2], vocab=30, seed=4)
+
+
+@pytest.mark.parametrize("share, n_layers, n_unique", [("none", 2, 2), ("cycle_rev", 4, 2), ("sequence", 3, 1)])
+def test_cached_greedy_equals_uncached(share, n_layers, n_unique):
+    model = trained_ish_model(share, n_layers, n_unique)
+    cached = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6, use_cache=True)
+    uncached = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6, use_cache=False)
+    assert cached == uncached and any(len(ids) > 2 for ids in cached)
+
+
+def test_cache_follows_layer_positions_not_blocks():
+    model = trained_ish_model("cycle_rev", 4, 2)
+    cache = model.new_cache()
+    memory, mask = model.encode(SOURCES)
+    model.decode(torch.full((5, 1), SOS), memory, mask, cache)
+    assert len(cache) == 4 and all(slot["self_key"].shape[2] == 1 for slot in cache)
+    assert cache[1]["self_key"] is not cache[2]["self_key"]  # block 1 serves positions 1 and 2
+
+
+def test_padding_a_batch_does_not_change_any_translation():
+    model = trained_ish_model()
+    together = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6)
+    beams = beam_search(model, SOURCES, SOS, EOS, beam=3, max_len_extra=6)
+    for row in range(SOURCES.size(0)):
+        alone = SOURCES[row:row + 1, :int((SOURCES[row] != PAD).sum())]
+        assert greedy_search(model, alone, SOS, EOS, max_len_extra=6) == [together[row]]
+        assert beam_search(model, alone, SOS, EOS, beam=3, max_len_extra=6) == [beams[row]]
+
+
+def test_beam_one_is_greedy():
+    model = trained_ish_model()
+    assert beam_search(model, SOURCES, SOS, EOS, beam=1, max_len_extra=6) == \
+        greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6)
+
+
+def sequence_score(model, src, ids, alpha):
+    """Length-normalised log-probability of ids (+ EOS unless it hit the limit) given src."""
+    tokens = torch.tensor([[SOS] + ids])
+    targets = ids + [EOS]
+    with torch.no_grad():
+        log_probs = model(src, tokens).log_softmax(-1)[0]
+    total = sum(float(log_probs[i, t]) for i, t in enumerate(targets))
+    return length_normalized(total, len(targets), alpha)
+
+
+def test_beam_finds_hypotheses_at_least_as_likely_as_greedy():
+    model = trained_ish_model()
+    greedy = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=20)
+    beams = beam_search(model, SOURCES, SOS, EOS, beam=4, alpha=0.6, max_len_extra=20)
+    better = 0
+    for row in range(SOURCES.size(0)):
+        src = SOURCES[row:row + 1, :int((SOURCES[row] != PAD).sum())]
+        beam_score, greedy_score = sequence_score(model, src, beams[row], 0.6), sequence_score(model, src, greedy[row], 0.6)
+        assert beam_score >= greedy_score - 1e-5
+        better += beam_score > greedy_score + 1e-5
+    assert better  # the test model is one where the beam actually helps
+
+
+def test_translate_restores_input_order_across_batches():
+    model = trained_ish_model()
+    sources = [row[row != PAD][:-1].tolist() for row in SOURCES]
+    expected = greedy_search(model, SOURCES, SOS, EOS)
+    assert translate(model, sources, SOS, EOS, batch_size=2) == expected
+    assert translate(model, sources, SOS, EOS, beam=1, batch_size=2, use_cache=False) == expected
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    train.main(tiny_args(run_dir, "--epochs", "1"))
+    return str(run_dir / "best.pt")
+
+
+def test_translate_cli_keeps_order_and_empty_lines(checkpoint):
+    texts = ["Come here!", "", "I am tired.", "  ", "Where is the station?", "Go."]
+    piped = run_script("translate.py", "--checkpoint", checkpoint, "--device", "cpu", stdin="\n".join(texts) + "\n")
+    assert piped.returncode == 0, piped.stderr
+    lines = piped.stdout.split("\n")[:-1]
+    assert len(lines) == len(texts) and lines[1] == "" and lines[3] == ""
+    one_by_one = [run_script("translate.py", "--checkpoint", checkpoint, "--device", "cpu", "--", text).stdout.strip()
+                  for text in ("Come here!", "Go.")]
+    assert one_by_one == [lines[0], lines[5]]
+
+
+def test_translate_eval_prints_json(checkpoint, tmp_path):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("I am tired.\tJe suis fatigué.\nGo.\tVa !\n")
+    result = run_script("translate.py", "--checkpoint", checkpoint, "--eval", str(pairs), "--beam", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["n"] == 2 and report["beam"] == 2 and report["sentences_per_sec"] > 0
+    assert 0 <= report["bleu"] <= 100 and 0 <= report["chrf"] <= 100
