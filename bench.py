@@ -4,7 +4,8 @@
 
 Each variant trains from the same initial weights for --seconds (after a few untimed warm-up steps),
 then the trained weights are decoded greedily without and with the cache and with beam search.
-Prints one JSON object on stdout; progress goes to stderr.
+Prints one JSON object on stdout; progress goes to stderr. `pad_fraction` is the padding share of the
+batches a variant trained on in its time; `epoch_pad_fraction` that of a whole epoch of its batches.
 
 Variants: fixed (random batches, every sequence padded to the longest in the data), dynamic (random
 batches padded to their own longest: the reference's technique, the baseline of every ratio), bucketed
@@ -45,6 +46,17 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def epoch_pad_fraction(sampler, lengths, pad_multiple, fixed_lengths):
+    """Padding share of a whole epoch of this sampler's batches (the timed run sees only some of them)."""
+    real = padded = 0
+    for batch in sampler.batches():
+        src, tgt = fixed_lengths or (dataset.padded_length(max(lengths[i][0] for i in batch), pad_multiple),
+                                     dataset.padded_length(max(lengths[i][1] for i in batch), pad_multiple))
+        real += sum(lengths[i][0] + lengths[i][1] for i in batch)
+        padded += len(batch) * (src + tgt)
+    return 1 - real / padded
+
+
 def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fixed_lengths=None, compile=False):
     """Train for `seconds` and count real and padded tokens. Returns the result dict and the trained model."""
     variant_cfg = dataclasses.replace(cfg, bucketing=bucketing, max_tokens=cfg.max_tokens if bucketing else 0)
@@ -82,9 +94,12 @@ def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fi
         break
     synchronize(device)
     elapsed = time.perf_counter() - started
-    result = {"real_tokens_per_sec": real / elapsed, "pad_fraction": 1 - real / padded, "steps": steps - warmup,
-              "seconds": elapsed, "amp": amp, "compile": compile}
-    log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, pad fraction {result['pad_fraction']:.3f}")
+    sampler.set_epoch(0)
+    result = {"real_tokens_per_sec": real / elapsed, "pad_fraction": 1 - real / padded,
+              "epoch_pad_fraction": epoch_pad_fraction(sampler, sampler.lengths, cfg.pad_multiple, fixed_lengths),
+              "steps": steps - warmup, "seconds": elapsed, "amp": amp, "compile": compile}
+    log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, pad fraction {result['pad_fraction']:.3f} "
+        f"(whole epoch {result['epoch_pad_fraction']:.3f})")
     return result, model
 
 

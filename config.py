@@ -40,6 +40,7 @@ class Config:
     batch_size: int = 32  # sentences per batch when max_tokens = 0
     max_tokens: int = 0  # padded source + target tokens per batch (0 = batches of batch_size sentences)
     bucketing: bool = True  # group sentences of similar length into batches (false = random batches)
+    bucket_pool: int = 1000  # batches' worth of shuffled examples sorted together (smaller = more random, more padding)
     pad_multiple: int = 1  # pad batch lengths up to a multiple of this (8 suits tensor cores)
     lr: float = 1e-3  # OneCycle peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay
@@ -76,7 +77,7 @@ class Config:
         require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
         for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "epochs", "batch_size",
-                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pad_multiple",
+                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pad_multiple", "bucket_pool",
                      "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("max_steps", "max_tokens", "max_len_diff", "num_workers", "n_eval_sentences", "grad_clip",

@@ -228,7 +228,7 @@ class BatchSampler:
     """
 
     def __init__(self, lengths, batch_size, max_tokens=0, bucketing=True, shuffle=True, seed=0,
-                 rank=0, world_size=1, pad_multiple=1, pool_batches=100):
+                 rank=0, world_size=1, pad_multiple=1, pool_batches=1000):
         self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
         self.bucketing, self.shuffle, self.seed = bucketing, shuffle, seed
         self.rank, self.world_size, self.pad_multiple, self.pool_batches = rank, world_size, pad_multiple, pool_batches

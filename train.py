@@ -103,7 +103,7 @@ def build_model(cfg, data):
 
 def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
     return dataset.BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.bucketing if shuffle else True, shuffle,
-                                cfg.seed, rank, world_size, cfg.pad_multiple)
+                                cfg.seed, rank, world_size, cfg.pad_multiple, cfg.bucket_pool)
 
 
 def make_loader(data_set, sampler, cfg, pad_id, device):

@@ -10,6 +10,7 @@ def test_bench_prints_one_json_object_with_every_variant():
     assert set(report["variants"]) == {"fixed", "dynamic", "bucketed", "bucketed_amp"}
     for variant in report["variants"].values():
         assert variant["real_tokens_per_sec"] > 0 and 0 <= variant["pad_fraction"] < 1
+        assert 0 <= variant["epoch_pad_fraction"] < 1
     assert report["ratios_vs_dynamic"]["dynamic"] == 1.0
     pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
     assert pads["fixed"] > pads["dynamic"] > pads["bucketed"]
