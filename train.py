@@ -300,7 +300,9 @@ def main(argv=None):
     total, unique = model.parameter_counts()
     log(f"model: {unique:,} unique parameters ({total:,} counting every use of shared layers and tied embeddings); "
         f"layers use blocks {model.layout}")
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
 
