@@ -219,3 +219,14 @@ def test_compile_survives_changing_batch_shapes():
     # the second shape makes dynamo mark the sizes dynamic; later shapes reuse that graph
     assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert "_orig_mod" not in "".join(model.state_dict())
+
+
+def test_bpe_with_tied_embeddings_trains_and_translates(tmp_path):
+    from translate import load_translator, translate_texts
+    train.main(tiny_args(tmp_path, "--epochs", "1", "--tokenizer", "bpe", "--vocab_size", "400",
+                         "--tie_embeddings", "true", "--amp", "bf16"))
+    model, src_tokenizer, tgt_tokenizer, cfg = load_translator(str(tmp_path / "best.pt"), torch.device("cpu"))
+    assert src_tokenizer.to_str() == tgt_tokenizer.to_str() and cfg["tie_embeddings"]
+    assert model.src_embed.weight is model.output.weight
+    [translation] = translate_texts(["I am tired."], model, src_tokenizer, tgt_tokenizer, word_level=False, max_len=5)
+    assert isinstance(translation, str)
