@@ -261,6 +261,8 @@ class BatchSampler:
         while len(batches) % self.world_size:  # split the largest batch until every rank gets as many
             largest = max(range(len(batches)), key=lambda b: len(batches[b]))
             batch = batches.pop(largest)
+            if len(batch) < 2:
+                raise SystemExit(f"error: too few training pairs to give {self.world_size} processes equal batches")
             batches[largest:largest] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
         return batches[self.rank::self.world_size]
 
