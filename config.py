@@ -1,6 +1,8 @@
 """Every hyperparameter in one dataclass. Edit the defaults here or pass `--field value` flags."""
 import argparse
 import dataclasses
+import inspect
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -106,15 +108,18 @@ class Config:
         """Build a Config from `--field value` flags; bad flags or values exit with one line."""
         parser = _OneLineParser(prog=prog, description="Every flag is a field of config.Config.")
         hints = typing.get_type_hints(cls)
+        # --help shows the one-line comment each field carries in this file
+        comments = dict(re.findall(r"^    (\w+): .*?  # (.+)$", inspect.getsource(cls), re.MULTILINE))
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            kind = hints[f.name]
+            kind, help_text = hints[f.name], f"{comments.get(f.name, '')} (default: {default})"
             if kind is bool:
-                parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="true|false")
+                parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="true|false",
+                                    help=help_text)
             elif kind == list[str]:
-                parser.add_argument(f"--{f.name}", nargs="*", default=default, metavar="FILE")
+                parser.add_argument(f"--{f.name}", nargs="*", default=default, metavar="FILE", help=help_text)
             else:
-                parser.add_argument(f"--{f.name}", type=kind, default=default)
+                parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
         config = cls(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
         try:
             config.validate()

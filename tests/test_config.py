@@ -40,3 +40,14 @@ def test_bad_flags_exit_with_one_line_naming_the_flag(argv, message, capsys):
 
 def test_tying_is_accepted_with_bpe():
     assert Config.from_args(["--tokenizer", "bpe", "--tie_embeddings", "true"]).tie_embeddings
+
+
+def test_every_field_has_a_comment_shown_by_help(capsys):
+    with pytest.raises(SystemExit):
+        Config.from_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--bucket_pool BUCKET_POOL batches' worth of shuffled examples" in out
+    options = out.split("options:")[1]
+    for name in Config.__dataclass_fields__:
+        help_text = options.split(f"--{name} ", 1)[1].split("(default:", 1)[0]
+        assert len(help_text.split()) >= 3, name  # metavar plus a comment of at least two words
