@@ -149,7 +149,8 @@ def main(argv=None):
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
-        "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers",
+        "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
+                                                "n_unique_layers",
                                                 "share", "batch_size", "max_tokens", "pad_multiple")},
         "variants": results,
         "ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},

@@ -74,7 +74,8 @@ class Config:
                 raise ValueError(message)
 
         require(self.share in SHARE_LAYOUTS, f"--share must be one of {', '.join(SHARE_LAYOUTS)} (got {self.share!r})")
-        require(self.tokenizer in TOKENIZERS, f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
+        require(self.tokenizer in TOKENIZERS,
+                f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
         require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)} (got {self.amp!r})")
         require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
@@ -96,7 +97,8 @@ class Config:
         require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")
         require(self.lr > 0, f"--lr must be positive (got {self.lr})")
         require(0 < self.pct_start < 1, f"--pct_start must be between 0 and 1 (got {self.pct_start})")
-        require(self.div_factor > 0 and self.final_div_factor > 0, "--div_factor and --final_div_factor must be positive")
+        require(self.div_factor > 0 and self.final_div_factor > 0,
+                "--div_factor and --final_div_factor must be positive")
         require(self.max_tokens == 0 or self.max_tokens >= 2 * self.pad_multiple,
                 f"--max_tokens must be 0 or at least {2 * self.pad_multiple} (got {self.max_tokens})")
         for path in self.data_files:

@@ -280,7 +280,8 @@ class BatchSampler:
         for i in order:
             src_len, tgt_len = self.lengths[i]
             new_src, new_tgt = max(src_max, src_len), max(tgt_max, tgt_len)
-            cost = (len(batch) + 1) * (padded_length(new_src, self.pad_multiple) + padded_length(new_tgt, self.pad_multiple))
+            width = padded_length(new_src, self.pad_multiple) + padded_length(new_tgt, self.pad_multiple)
+            cost = (len(batch) + 1) * width
             full = cost > self.max_tokens if self.max_tokens else len(batch) == self.batch_size
             if batch and full:
                 batches.append(batch)

@@ -5,7 +5,6 @@ Multi-GPU: `torchrun --nproc_per_node=N train.py ...`. Resume: `--resume auto`.
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -78,7 +77,8 @@ def prepare_data(cfg, tokenizers=None, log=print):
     ids = dataset.special_ids(tgt_tokenizer)
 
     def encode(pairs):
-        return dataset.encode(src_tokenizer, [s for s, _ in pairs]), dataset.encode(tgt_tokenizer, [t for _, t in pairs])
+        return (dataset.encode(src_tokenizer, [s for s, _ in pairs]),
+                dataset.encode(tgt_tokenizer, [t for _, t in pairs]))
 
     train_src, train_tgt = encode(train_pairs)
     keep = dataset.length_filter(train_src, train_tgt, cfg.max_src_tokens, cfg.max_len_diff)
@@ -90,9 +90,11 @@ def prepare_data(cfg, tokenizers=None, log=print):
     fits = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if max(len(s), len(t)) < cfg.max_positions]
     log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
         f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={cfg.tokenizer}")
-    return Data(src_tokenizer, tgt_tokenizer, ids,
-                dataset.TranslationDataset([train_src[i] for i in keep], [train_tgt[i] for i in keep], ids["sos"], ids["eos"]),
-                dataset.TranslationDataset([val_src[i] for i in fits], [val_tgt[i] for i in fits], ids["sos"], ids["eos"]),
+    def subset(src_ids, tgt_ids, indices):
+        return dataset.TranslationDataset([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], ids["sos"],
+                                          ids["eos"])
+
+    return Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
                 [val_pairs[i] for i in fits])
 
 
@@ -222,7 +224,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:
-        raise SystemExit(f"error: cannot read checkpoint {path}: truncated or corrupt ({type(error).__name__})") from None
+        raise SystemExit(f"error: cannot read checkpoint {path}: truncated or corrupt "
+                         f"({type(error).__name__})") from None
 
 
 def check_resumable(saved, cfg, path):

@@ -78,9 +78,9 @@ def test_missing_file_is_named():
 
 def test_parquet_goes_through_the_same_rows(tmp_path):
     pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet
+    parquet = pytest.importorskip("pyarrow.parquet")
     path = str(tmp_path / "pairs.parquet")
-    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(
+    parquet.write_table(pyarrow.Table.from_pylist(
         [{"id": "0", "translation": {"en": "Hello.", "fr": "Bonjour."}}]), path)
     assert dataset.read_pairs([path], "en", "fr")[0] == [("Hello.", "Bonjour.")]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import EOS, PAD, SOS, make_model, random_batch
+from conftest import PAD, SOS, make_model, random_batch
 from model import layer_layout
 
 
