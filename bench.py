@@ -15,6 +15,7 @@ GradScaler on CUDA); on CUDA also bucketed_bf16 and bucketed_amp_compile.
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import platform
 import sys
@@ -46,15 +47,22 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def epoch_pad_fraction(sampler, lengths, pad_multiple, fixed_lengths):
+def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths):
     """Padding share of a whole epoch of this sampler's batches (the timed run sees only some of them)."""
-    real = padded = 0
+    lengths, real, padded = sampler.lengths, 0, 0
     for batch in sampler.batches():
         src, tgt = fixed_lengths or (dataset.padded_length(max(lengths[i][0] for i in batch), pad_multiple),
                                      dataset.padded_length(max(lengths[i][1] for i in batch), pad_multiple))
         real += sum(lengths[i][0] + lengths[i][1] for i in batch)
         padded += len(batch) * (src + tgt)
     return 1 - real / padded
+
+
+def endless(sampler):
+    """Batches epoch after epoch, for as long as the timer wants them."""
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        yield from sampler
 
 
 def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fixed_lengths=None, compile=False):
@@ -69,34 +77,26 @@ def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fi
     pad_id = data.ids["pad"]
     sampler = train.make_sampler(variant_cfg, data.train.lengths())
     collate = dataset.make_collate(pad_id, cfg.pad_multiple, fixed_lengths)
-    warmup, steps, real, padded, epoch = 3, 0, 0, 0, 0
-    started = None
-    while True:
-        sampler.set_epoch(epoch)
-        for indices in sampler:
-            batch = collate([data.train[i] for i in indices])
-            if steps == warmup:
-                synchronize(device)
-                started = time.perf_counter()
-            if started is not None:
-                real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
-                padded += batch["src"].numel() + batch["labels"].numel()
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            train.train_step(step_model, batch, optimizer, scheduler, scaler, (device, dtype), cfg, pad_id)
-            steps += 1
-            if started is not None and steps % 5 == 0:
-                synchronize(device)
-                if time.perf_counter() - started >= seconds:
-                    break
-        else:
-            epoch += 1
-            continue
-        break
-    synchronize(device)
+    warmup, steps, real, padded, started = 3, 0, 0, 0, None
+    for indices in endless(sampler):
+        batch = collate([data.train[i] for i in indices])
+        if steps == warmup:
+            synchronize(device)
+            started = time.perf_counter()
+        if started is not None:
+            real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
+            padded += batch["src"].numel() + batch["labels"].numel()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        train.train_step(step_model, batch, optimizer, scheduler, scaler, (device, dtype), cfg, pad_id)
+        steps += 1
+        if started is not None and steps % 5 == 0:
+            synchronize(device)
+            if time.perf_counter() - started >= seconds:
+                break
     elapsed = time.perf_counter() - started
     sampler.set_epoch(0)
     result = {"real_tokens_per_sec": real / elapsed, "pad_fraction": 1 - real / padded,
-              "epoch_pad_fraction": epoch_pad_fraction(sampler, sampler.lengths, cfg.pad_multiple, fixed_lengths),
+              "epoch_pad_fraction": epoch_pad_fraction(sampler, cfg.pad_multiple, fixed_lengths),
               "steps": steps - warmup, "seconds": elapsed, "amp": amp, "compile": compile}
     log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, pad fraction {result['pad_fraction']:.3f} "
         f"(whole epoch {result['epoch_pad_fraction']:.3f})")

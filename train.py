@@ -279,18 +279,13 @@ def main(argv=None):
         log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
             f"step {checkpoint['step']})")
 
-    if checkpoint:
-        tokenizers = tuple(dataset.tokenizer_from_json(text) for text in checkpoint["tokenizers"])
-    elif world_size > 1:  # rank 0 trains the tokenizers and hands them to the others
-        shared = [None]
-        if is_main:
-            pairs = dataset.split_pairs(dataset.load_pairs(cfg)[0], cfg.val_fraction, cfg.seed)[0]
-            shared = [[tokenizer.to_str() for tokenizer in dataset.train_tokenizers(pairs, cfg)]]
+    tokenizers = [dataset.tokenizer_from_json(text) for text in checkpoint["tokenizers"]] if checkpoint else None
+    data = prepare_data(cfg, tokenizers, log) if tokenizers or is_main else None
+    if world_size > 1 and not tokenizers:  # rank 0 trained the tokenizers; the others use the very same ones
+        shared = [[data.src_tokenizer.to_str(), data.tgt_tokenizer.to_str()] if is_main else None]
         dist.broadcast_object_list(shared)
-        tokenizers = tuple(dataset.tokenizer_from_json(text) for text in shared[0])
-    else:
-        tokenizers = None
-    data = prepare_data(cfg, tokenizers, log)
+        if not is_main:
+            data = prepare_data(cfg, [dataset.tokenizer_from_json(text) for text in shared[0]], log)
     tokenizer_json = [data.src_tokenizer.to_str(), data.tgt_tokenizer.to_str()]
     if is_main:
         for name, text in zip((f"tokenizer_{cfg.lang_src}.json", f"tokenizer_{cfg.lang_tgt}.json"), tokenizer_json):
