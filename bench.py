@@ -9,8 +9,10 @@ batches a variant trained on in its time; `epoch_pad_fraction` that of a whole e
 
 Variants: fixed (random batches, every sequence padded to the longest in the data), dynamic (random
 batches padded to their own longest: the reference's technique, the baseline of every ratio), bucketed
-(length-bucketed token-budget batches), bucketed_amp (bucketed under autocast: bf16 on CPU, fp16 with
-GradScaler on CUDA); on CUDA also bucketed_bf16 and bucketed_amp_compile.
+(length-bucketed batches), packed (random batches packed into rows: the default), and bucketed_amp /
+packed_amp (the same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA); on CUDA also
+packed_bf16 and packed_amp_compile. fixed and dynamic always take --batch_size sentences, as the
+reference did; the others take --max_tokens when it is set.
 """
 import argparse
 import copy
@@ -47,14 +49,14 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths):
+def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length):
     """Padding share of a whole epoch of this sampler's batches (the timed run sees only some of them)."""
-    lengths, real, padded = sampler.lengths, 0, 0
+    real, padded = 0, 0
     for batch in sampler.batches():
-        src, tgt = fixed_lengths or (dataset.padded_length(max(lengths[i][0] for i in batch), pad_multiple),
-                                     dataset.padded_length(max(lengths[i][1] for i in batch), pad_multiple))
-        real += sum(lengths[i][0] + lengths[i][1] for i in batch)
-        padded += len(batch) * (src + tgt)
+        lengths = [sampler.lengths[i] for i in batch]
+        rows, src_len, tgt_len = dataset.batch_layout(lengths, pad_multiple, fixed_lengths, pack_length)
+        real += sum(s + t for s, t in lengths)
+        padded += len(rows) * (src_len + tgt_len)
     return 1 - real / padded
 
 
@@ -65,9 +67,9 @@ def endless(sampler):
         yield from sampler
 
 
-def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fixed_lengths=None, compile=False):
+def run_variant(name, cfg, data, init_state, device, seconds, amp, batching, fixed_lengths=None, compile=False):
     """Train for `seconds` and count real and padded tokens. Returns the result dict and the trained model."""
-    variant_cfg = dataclasses.replace(cfg, bucketing=bucketing, max_tokens=cfg.max_tokens if bucketing else 0)
+    variant_cfg = dataclasses.replace(cfg, batching=batching, max_tokens=0 if batching == "random" else cfg.max_tokens)
     model = train.build_model(cfg, data).to(device)
     model.load_state_dict(init_state)
     step_model = torch.compile(model) if compile else model
@@ -76,7 +78,8 @@ def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fi
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     pad_id = data.ids["pad"]
     sampler = train.make_sampler(variant_cfg, data.train.lengths())
-    collate = dataset.make_collate(pad_id, cfg.pad_multiple, fixed_lengths)
+    pack_length = cfg.pack_length if batching == "packed" else 0
+    collate = dataset.make_collate(pad_id, cfg.pad_multiple, fixed_lengths, pack_length)
     warmup, steps, real, padded, started = 3, 0, 0, 0, None
     for indices in endless(sampler):
         batch = collate([data.train[i] for i in indices])
@@ -96,7 +99,7 @@ def run_variant(name, cfg, data, init_state, device, seconds, amp, bucketing, fi
     elapsed = time.perf_counter() - started
     sampler.set_epoch(0)
     result = {"real_tokens_per_sec": real / elapsed, "pad_fraction": 1 - real / padded,
-              "epoch_pad_fraction": epoch_pad_fraction(sampler, cfg.pad_multiple, fixed_lengths),
+              "epoch_pad_fraction": epoch_pad_fraction(sampler, cfg.pad_multiple, fixed_lengths, pack_length),
               "steps": steps - warmup, "seconds": elapsed, "amp": amp, "compile": compile}
     log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, pad fraction {result['pad_fraction']:.3f} "
         f"(whole epoch {result['epoch_pad_fraction']:.3f})")
@@ -135,13 +138,15 @@ def main(argv=None):
     lengths = data.train.lengths()
     longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
     amp = "fp16" if device.type == "cuda" else "bf16"
-    variants = {"fixed": dict(amp="off", bucketing=False, fixed_lengths=longest),
-                "dynamic": dict(amp="off", bucketing=False),
-                "bucketed": dict(amp="off", bucketing=True),
-                "bucketed_amp": dict(amp=amp, bucketing=True)}
+    variants = {"fixed": dict(amp="off", batching="random", fixed_lengths=longest),
+                "dynamic": dict(amp="off", batching="random"),
+                "bucketed": dict(amp="off", batching="bucketed"),
+                "bucketed_amp": dict(amp=amp, batching="bucketed"),
+                "packed": dict(amp="off", batching="packed"),
+                "packed_amp": dict(amp=amp, batching="packed")}
     if device.type == "cuda":
-        variants["bucketed_bf16"] = dict(amp="bf16", bucketing=True)
-        variants["bucketed_amp_compile"] = dict(amp=amp, bucketing=True, compile=True)
+        variants["packed_bf16"] = dict(amp="bf16", batching="packed")
+        variants["packed_amp_compile"] = dict(amp=amp, batching="packed", compile=True)
     results, model = {}, None
     for name, options in variants.items():
         results[name], model = run_variant(name, cfg, data, init_state, device, args.seconds, **options)
@@ -150,8 +155,8 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
         "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
-                                                "n_unique_layers",
-                                                "share", "batch_size", "max_tokens", "pad_multiple")},
+                                                "n_unique_layers", "share", "batch_size", "max_tokens",
+                                                "pack_length", "pad_multiple")},
         "variants": results,
         "ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
     }

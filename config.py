@@ -11,6 +11,7 @@ SHARE_LAYOUTS = ("none", "sequence", "cycle", "cycle_rev")
 TOKENIZERS = ("word", "bpe")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cuda", "cpu")
+BATCHINGS = ("packed", "bucketed", "random")
 
 
 @dataclass
@@ -40,9 +41,10 @@ class Config:
     epochs: int = 10  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     batch_size: int = 32  # sentences per batch when max_tokens = 0
-    max_tokens: int = 0  # padded source + target tokens per batch (0 = batches of batch_size sentences)
-    bucketing: bool = True  # group sentences of similar length into batches (false = random batches)
-    bucket_pool: int = 1000  # batches' worth of shuffled examples sorted together (smaller = more random, more padding)
+    max_tokens: int = 0  # source + target tokens per batch, padding included unless packed (0 = use batch_size)
+    batching: str = "packed"  # packed (random batches packed into rows), bucketed (similar lengths) or random
+    pack_length: int = 128  # packed: tokens a side per row (longer rows: less padding, more attention work)
+    bucket_pool: int = 1000  # bucketed: batches' worth of shuffled examples sorted together (smaller = more random)
     pad_multiple: int = 1  # pad batch lengths up to a multiple of this (8 suits tensor cores)
     lr: float = 1e-3  # OneCycle peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay
@@ -77,17 +79,22 @@ class Config:
         require(self.tokenizer in TOKENIZERS,
                 f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
         require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)} (got {self.amp!r})")
+        require(self.batching in BATCHINGS,
+                f"--batching must be one of {', '.join(BATCHINGS)} (got {self.batching!r})")
         require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
         for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "epochs", "batch_size",
-                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pad_multiple", "bucket_pool",
-                     "nan_patience", "log_every", "beam"):
+                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pad_multiple", "pack_length",
+                     "bucket_pool", "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
         for name in ("max_steps", "max_tokens", "max_len_diff", "num_workers", "n_eval_sentences", "grad_clip",
                      "dropout", "weight_decay", "label_smoothing", "length_penalty", "max_len_extra"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % self.n_heads == 0,
                 f"n_heads must divide d_model (got {self.d_model} and {self.n_heads})")
+        require(self.max_src_tokens + self.max_len_diff < self.max_positions,
+                f"--max_positions must exceed --max_src_tokens + --max_len_diff, the longest training target "
+                f"(got {self.max_positions} <= {self.max_src_tokens} + {self.max_len_diff})")
         require(self.n_unique_layers <= self.n_layers,
                 f"--n_unique_layers must not exceed --n_layers (got {self.n_unique_layers} > {self.n_layers})")
         require(not (self.tie_embeddings and self.tokenizer != "bpe"),

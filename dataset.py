@@ -13,6 +13,8 @@ from functools import partial
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from config import BATCHINGS
+
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
 SPECIAL_TOKENS = [PAD, UNK, SOS, EOS]
 
@@ -191,27 +193,60 @@ def padded_length(length, multiple):
     return math.ceil(length / multiple) * multiple
 
 
-def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None):
-    """Pad source and target to this batch's own longest sequence (or to fixed_lengths); never truncate."""
-    sources, decoder_inputs, labels = zip(*examples)
-    if fixed_lengths is None:
-        src_len = padded_length(max(len(s) for s in sources), pad_multiple)
-        tgt_len = padded_length(max(len(t) for t in labels), pad_multiple)
-    else:
-        src_len, tgt_len = fixed_lengths
+def pack_rows(lengths, pack_length):
+    """Share examples with these (source, target) lengths out among rows of about pack_length tokens a side;
+    returns each row's example indices. Longest first, each to the row it leaves shortest, so the rows come
+    out nearly equal and almost nothing is padding."""
+    total = max(sum(s for s, _ in lengths), sum(t for _, t in lengths))
+    n_rows = min(len(lengths), max(1, math.ceil(total / pack_length)))
+    rows, loads = [[] for _ in range(n_rows)], [[0, 0] for _ in range(n_rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
+        src_len, tgt_len = lengths[i]
+        best = min(range(n_rows), key=lambda r: (max(loads[r][0] + src_len, loads[r][1] + tgt_len), sum(loads[r])))
+        rows[best].append(i)
+        loads[best][0] += src_len
+        loads[best][1] += tgt_len
+    return rows
 
-    def pad(sequences, length):
-        batch = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            batch[row, :len(sequence)] = sequence
+
+def batch_layout(lengths, pad_multiple=1, fixed_lengths=None, pack_length=0):
+    """How collate lays out examples with these (source, target) lengths: the examples in each row
+    (one per row unless packing) and the padded source and target widths."""
+    rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(len(lengths))]
+    if fixed_lengths:
+        return rows, *fixed_lengths
+    return (rows, padded_length(max(sum(lengths[i][0] for i in row) for row in rows), pad_multiple),
+            padded_length(max(sum(lengths[i][1] for i in row) for row in rows), pad_multiple))
+
+
+def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0):
+    """Pad source and target to this batch's own longest row (or to fixed_lengths); never truncate.
+
+    pack_length > 0 packs several sentences end to end into each row (see pack_rows) and adds
+    src_segments / tgt_segments: each token's sentence number within its row, 1, 2, ...; 0 = padding."""
+    rows, src_len, tgt_len = batch_layout([(len(s), len(t)) for s, _, t in examples], pad_multiple, fixed_lengths,
+                                          pack_length)
+
+    def pad(side, length, segments=False):
+        batch = torch.full((len(rows), length), 0 if segments else pad_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            column = 0
+            for number, i in enumerate(row, 1):
+                sequence = examples[i][side]
+                batch[r, column:column + len(sequence)] = number if segments else sequence
+                column += len(sequence)
         return batch
 
-    return {"src": pad(sources, src_len), "tgt_in": pad(decoder_inputs, tgt_len), "labels": pad(labels, tgt_len)}
+    batch = {"src": pad(0, src_len), "tgt_in": pad(1, tgt_len), "labels": pad(2, tgt_len)}
+    if pack_length:
+        batch["src_segments"], batch["tgt_segments"] = pad(0, src_len, segments=True), pad(2, tgt_len, segments=True)
+    return batch
 
 
-def make_collate(pad_id, pad_multiple=1, fixed_lengths=None):
+def make_collate(pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0):
     """A picklable collate function, so DataLoader workers can use it."""
-    return partial(collate, pad_id=pad_id, pad_multiple=pad_multiple, fixed_lengths=fixed_lengths)
+    return partial(collate, pad_id=pad_id, pad_multiple=pad_multiple, fixed_lengths=fixed_lengths,
+                   pack_length=pack_length)
 
 
 # ---------------------------------------------------------------- batching
@@ -219,18 +254,21 @@ def make_collate(pad_id, pad_multiple=1, fixed_lengths=None):
 class BatchSampler:
     """Batches of example indices, fresh for every (seed, epoch).
 
-    bucketing=True shuffles, sorts pools of ~`pool_batches` batches by length, cuts batches by
-    `max_tokens` (padded source + target tokens) or by `batch_size`, then shuffles the batch order,
-    so batches hold sentences of similar length and almost nothing is padding.
-    bucketing=False cuts the shuffled examples in order (random batches).
-    With world_size > 1 each rank gets a disjoint shard with the same number of batches.
+    batching="random" cuts the shuffled examples in order (random batches); "packed" does the same, for
+    collate to pack (so batches are as varied as random ones, and a token budget counts real tokens).
+    "bucketed" shuffles, sorts pools of ~`pool_batches` batches by length, cuts, then shuffles the batch
+    order, so batches hold sentences of similar length and almost nothing is padding.
+    Batches are cut by `max_tokens` (source + target tokens, padding included unless packed) or by
+    `batch_size`. With world_size > 1 each rank gets a disjoint shard with the same number of batches.
     `start_batch` skips batches of the current epoch already trained (mid-epoch resume).
     """
 
-    def __init__(self, lengths, batch_size, max_tokens=0, bucketing=True, shuffle=True, seed=0,
+    def __init__(self, lengths, batch_size, max_tokens=0, batching="bucketed", shuffle=True, seed=0,
                  rank=0, world_size=1, pad_multiple=1, pool_batches=1000):
+        if batching not in BATCHINGS:
+            raise ValueError(f"unknown batching {batching!r}")
         self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
-        self.bucketing, self.shuffle, self.seed = bucketing, shuffle, seed
+        self.batching, self.shuffle, self.seed = batching, shuffle, seed
         self.rank, self.world_size, self.pad_multiple, self.pool_batches = rank, world_size, pad_multiple, pool_batches
         self.epoch, self.start_batch, self._cached = 0, 0, None
         if len(lengths) < world_size:
@@ -250,7 +288,7 @@ class BatchSampler:
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)
-        if self.bucketing:
+        if self.batching == "bucketed":
             pool = self.pool_batches * (self.batch_size if not self.max_tokens else
                                         max(1, self.max_tokens // max(1, self._mean_length())))
             order = [i for start in range(0, len(order), pool)
@@ -276,18 +314,22 @@ class BatchSampler:
         return sum(s + t for s, t in self.lengths) // len(self.lengths)
 
     def _cut(self, order):
-        batches, batch, src_max, tgt_max = [], [], 0, 0
+        batches, batch, src_max, tgt_max, real = [], [], 0, 0, 0
         for i in order:
             src_len, tgt_len = self.lengths[i]
-            new_src, new_tgt = max(src_max, src_len), max(tgt_max, tgt_len)
-            width = padded_length(new_src, self.pad_multiple) + padded_length(new_tgt, self.pad_multiple)
-            cost = (len(batch) + 1) * width
-            full = cost > self.max_tokens if self.max_tokens else len(batch) == self.batch_size
+            new_src, new_tgt, new_real = max(src_max, src_len), max(tgt_max, tgt_len), real + src_len + tgt_len
+            if not self.max_tokens:
+                full = len(batch) == self.batch_size
+            elif self.batching == "packed":  # packed rows are almost all real tokens
+                full = new_real > self.max_tokens
+            else:
+                width = padded_length(new_src, self.pad_multiple) + padded_length(new_tgt, self.pad_multiple)
+                full = (len(batch) + 1) * width > self.max_tokens
             if batch and full:
                 batches.append(batch)
-                batch, new_src, new_tgt = [], src_len, tgt_len
+                batch, new_src, new_tgt, new_real = [], src_len, tgt_len, src_len + tgt_len
             batch.append(i)
-            src_max, tgt_max = new_src, new_tgt
+            src_max, tgt_max, real = new_src, new_tgt, new_real
         if batch:
             batches.append(batch)
         return batches

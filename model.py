@@ -57,9 +57,9 @@ class EncoderBlock(nn.Module):
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, src_mask):
+    def forward(self, x, mask):
         h = self.self_attn_norm(x)
-        x = x + self.dropout(self.self_attn(h, *self.self_attn.keys_values(h), mask=src_mask))
+        x = x + self.dropout(self.self_attn(h, *self.self_attn.keys_values(h), mask=mask))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -71,8 +71,9 @@ class DecoderBlock(nn.Module):
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory, src_mask, cache=None):
-        """With a cache (a dict owned by this layer position) x holds only the newest tokens."""
+    def forward(self, x, memory, memory_mask, cache=None, self_mask=None):
+        """With a cache (a dict owned by this layer position) x holds only the newest tokens.
+        self_mask (packed rows only) replaces plain causal masking."""
         h = self.self_attn_norm(x)
         key, value = self.self_attn.keys_values(h)
         if cache is not None:
@@ -80,15 +81,31 @@ class DecoderBlock(nn.Module):
                 key, value = torch.cat([cache["self_key"], key], 2), torch.cat([cache["self_value"], value], 2)
             cache["self_key"], cache["self_value"] = key, value
         # Right-padded targets need no key-padding mask: causality already hides later (pad) positions.
-        x = x + self.dropout(self.self_attn(h, key, value, causal=cache is None))
+        x = x + self.dropout(self.self_attn(h, key, value, mask=self_mask, causal=cache is None and self_mask is None))
         if cache is not None and "cross_key" in cache:
             key, value = cache["cross_key"], cache["cross_value"]
         else:
             key, value = self.cross_attn.keys_values(memory)
             if cache is not None:
                 cache["cross_key"], cache["cross_value"] = key, value
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), key, value, mask=src_mask))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), key, value, mask=memory_mask))
         return x + self.dropout(self.ff(self.ff_norm(x)))
+
+
+def positions_in_segment(segments):
+    """Each token's position inside its own sentence: in a packed row the count restarts at every sentence."""
+    index = torch.arange(segments.size(1), device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(1).values
+
+
+def _same_segment(query_segments, key_segments):
+    """(B, 1, Tq, Tk) attention mask of packed rows: True where query and key belong to the same sentence.
+    Padding (segment 0) queries see every key: their outputs are never used, and a query that sees no key
+    at all would turn into NaN."""
+    same = query_segments[:, :, None] == key_segments[:, None, :]
+    return (same | (query_segments == 0)[:, :, None])[:, None]
 
 
 def sinusoidal_positions(n_positions, d_model):
@@ -139,31 +156,48 @@ class Transformer(nn.Module):
         total = sum(p.numel() for _, p in self.named_parameters(remove_duplicate=False))
         return total, sum(p.numel() for p in self.parameters())
 
-    def _embed(self, embedding, ids, offset=0):
-        length = offset + ids.size(1)
-        if length > self.max_positions:
-            raise ValueError(f"a sequence of {length} tokens exceeds max_positions={self.max_positions}")
-        x = embedding(ids) * math.sqrt(self.d_model) + self.positions[offset:length]
-        return self.embed_dropout(x)
+    def _embed(self, embedding, ids, offset=0, segments=None):
+        if segments is None:
+            length = offset + ids.size(1)
+            if length > self.max_positions:
+                raise ValueError(f"a sequence of {length} tokens exceeds max_positions={self.max_positions}")
+            positions = self.positions[offset:length]
+        else:  # a packed row may be wider than max_positions: only each sentence's own positions count
+            positions = self.positions[positions_in_segment(segments)]
+        return self.embed_dropout(embedding(ids) * math.sqrt(self.d_model) + positions)
 
-    def encode(self, src):
-        """src (B, S) padded ids -> memory (B, S, D) and the key-padding mask (B, 1, 1, S), True = real token."""
+    def encode(self, src, src_segments=None):
+        """src (B, S) padded ids -> memory (B, S, D) and the key-padding mask (B, 1, 1, S), True = real token.
+
+        src_segments (B, S) marks packed rows: the sentence number of each token (1, 2, ...; 0 = padding).
+        Tokens then attend only within their own sentence, so every sentence is encoded as if alone."""
         src_mask = (src != self.pad_id)[:, None, None, :]
-        x = self._embed(self.src_embed, src)
+        self_mask = src_mask if src_segments is None else _same_segment(src_segments, src_segments)
+        x = self._embed(self.src_embed, src, segments=src_segments)
         for layer in self.encoder_layers:
-            x = layer(x, src_mask)
+            x = layer(x, self_mask)
         return self.encoder_norm(x), src_mask
 
-    def decode(self, tgt_in, memory, src_mask, cache=None, offset=0):
-        """Logits (B, T, V) for decoder inputs tgt_in; with a cache, tgt_in is the tokens from position offset on."""
-        x = self._embed(self.tgt_embed, tgt_in, offset)
+    def decode(self, tgt_in, memory, memory_mask, cache=None, offset=0, tgt_segments=None):
+        """Logits (B, T, V) for decoder inputs tgt_in; with a cache, tgt_in is the tokens from position offset on.
+        memory_mask: encode's key-padding mask, or for packed rows the (B, 1, T, S) sentence-to-sentence mask."""
+        self_mask = None
+        if tgt_segments is not None:
+            causal = torch.ones(tgt_in.size(1), tgt_in.size(1), dtype=torch.bool, device=tgt_in.device).tril()
+            self_mask = _same_segment(tgt_segments, tgt_segments) & causal
+        x = self._embed(self.tgt_embed, tgt_in, offset, tgt_segments)
         for position, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, src_mask, None if cache is None else cache[position])
+            x = layer(x, memory, memory_mask, None if cache is None else cache[position], self_mask)
         return self.output(self.decoder_norm(x))
 
-    def forward(self, src, tgt_in):
-        memory, src_mask = self.encode(src)
-        return self.decode(tgt_in, memory, src_mask)
+    def forward(self, src, tgt_in, src_segments=None, tgt_segments=None):
+        """Teacher-forced logits. With segments (packed rows, see encode) each target sentence sees only
+        its own source sentence; the logits of every sentence equal those it gets unpacked."""
+        if src_segments is None:
+            memory, src_mask = self.encode(src)
+            return self.decode(tgt_in, memory, src_mask)
+        memory, _ = self.encode(src, src_segments)
+        return self.decode(tgt_in, memory, _same_segment(tgt_segments, src_segments), tgt_segments=tgt_segments)
 
     def new_cache(self):
         """One slot per decoder layer position: a block shared by two positions owns two slots."""

@@ -104,15 +104,17 @@ def build_model(cfg, data):
 
 
 def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
-    return dataset.BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.bucketing if shuffle else True, shuffle,
-                                cfg.seed, rank, world_size, cfg.pad_multiple, cfg.bucket_pool)
+    """Training batches as cfg.batching says; evaluation (shuffle=False) always uses plain length-sorted batches."""
+    return dataset.BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.batching if shuffle else "bucketed",
+                                shuffle, cfg.seed, rank, world_size, cfg.pad_multiple, cfg.bucket_pool)
 
 
 def make_loader(data_set, sampler, cfg, pad_id, device):
+    pack_length = cfg.pack_length if sampler.batching == "packed" else 0
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
     return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       collate_fn=dataset.make_collate(pad_id, cfg.pad_multiple),
+                                       collate_fn=dataset.make_collate(pad_id, cfg.pad_multiple, None, pack_length),
                                        pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
@@ -138,7 +140,7 @@ def train_step(model, batch, optimizer, scheduler, scaler, precision, cfg, pad_i
     if world_size > 1:
         dist.all_reduce(global_tokens)
     with autocast(device, dtype):
-        logits = model(batch["src"], batch["tgt_in"])
+        logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
     loss_sum = compute_loss(logits, labels, pad_id, cfg.label_smoothing)
     scaler.scale(loss_sum * world_size / global_tokens).backward()
     scaler.unscale_(optimizer)
@@ -313,7 +315,8 @@ def main(argv=None):
     optimizer, scheduler = make_optimizer(cfg, model, device, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
     log(f"train: {total_steps:,} steps over {cfg.epochs} epochs (~{batches_per_epoch[0]:,} batches per epoch"
-        f"{' per rank' if world_size > 1 else ''}), device {device}, amp {precision[1] or 'off (fp32)'}, "
+        f"{' per rank' if world_size > 1 else ''}, {cfg.batching}), device {device}, "
+        f"amp {precision[1] or 'off (fp32)'}, "
         f"{'world size ' + str(world_size) if world_size > 1 else 'single process'}")
 
     epoch, batch_in_epoch, step, history, elapsed = 0, 0, 0, [], 0.0

@@ -7,13 +7,13 @@ def test_bench_prints_one_json_object_with_every_variant():
     result = run_script("bench.py", "--data_files", FIXTURE, "--seconds", "0.3", "--decode_sentences", "8", *TINY)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["variants"]) == {"fixed", "dynamic", "bucketed", "bucketed_amp"}
+    assert set(report["variants"]) == {"fixed", "dynamic", "bucketed", "bucketed_amp", "packed", "packed_amp"}
     for variant in report["variants"].values():
         assert variant["real_tokens_per_sec"] > 0 and 0 <= variant["pad_fraction"] < 1
         assert 0 <= variant["epoch_pad_fraction"] < 1
     assert report["ratios_vs_dynamic"]["dynamic"] == 1.0
     pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
-    assert pads["fixed"] > pads["dynamic"] > pads["bucketed"]
+    assert pads["fixed"] > pads["dynamic"] > max(pads["bucketed"], pads["packed"])
     assert {"greedy_no_cache_sentences_per_sec", "greedy_cache_sentences_per_sec", "beam4_sentences_per_sec"} <= \
         set(report["decoding"])
 

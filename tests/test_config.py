@@ -8,6 +8,7 @@ def test_defaults_reproduce_the_reference_recipe():
     assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == (512, 8, 128, 6, 3, "cycle_rev")
     assert (cfg.dataset, cfg.lang_src, cfg.lang_tgt, cfg.tokenizer, cfg.amp) == ("opus_books", "en", "fr", "word", "auto")
     assert (cfg.lr, cfg.label_smoothing, cfg.dropout, cfg.batch_size) == (1e-3, 0.1, 0.1, 32)
+    assert (cfg.batching, cfg.max_tokens) == ("packed", 0)  # the reference's random batches of 32, packed
 
 
 def test_flags_are_derived_from_fields():
@@ -29,6 +30,8 @@ def test_flags_are_derived_from_fields():
     (["--compile", "maybe"], "expected true or false"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     (["--data_files", "pairs.csv"], "--data_files takes .jsonl, .tsv or .parquet"),
+    (["--batching", "sorted"], "--batching must be one of packed, bucketed, random"),
+    (["--max_positions", "160"], "--max_positions must exceed --max_src_tokens + --max_len_diff"),
 ])
 def test_bad_flags_exit_with_one_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -46,7 +49,7 @@ def test_every_field_has_a_comment_shown_by_help(capsys):
     with pytest.raises(SystemExit):
         Config.from_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--bucket_pool BUCKET_POOL batches' worth of shuffled examples" in out
+    assert "--pack_length PACK_LENGTH packed: tokens a side per row" in out
     options = out.split("options:")[1]
     for name in Config.__dataclass_fields__:
         help_text = options.split(f"--{name} ", 1)[1].split("(default:", 1)[0]

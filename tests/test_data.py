@@ -25,20 +25,29 @@ def test_collate_keeps_every_token_and_eos_of_the_longest_sentence():
     assert dataset.collate([data[0]], pad_id=0, pad_multiple=8)["src"].shape == (1, 8)
 
 
-def test_every_token_of_the_fixture_reaches_a_batch():
+@pytest.mark.parametrize("batching, pack_length", [("bucketed", 0), ("packed", 64)])
+def test_every_token_of_the_fixture_reaches_a_batch(batching, pack_length):
     cfg = Config(data_files=[FIXTURE])
     pairs, _ = dataset.load_pairs(cfg)
     src_tok, tgt_tok = dataset.train_tokenizers(pairs, cfg)
     ids = dataset.special_ids(tgt_tok)
     src_ids, tgt_ids = dataset.encode(src_tok, [s for s, _ in pairs]), dataset.encode(tgt_tok, [t for _, t in pairs])
     data = dataset.TranslationDataset(src_ids, tgt_ids, ids["sos"], ids["eos"])
-    sampler = dataset.BatchSampler(data.lengths(), batch_size=32, max_tokens=700, seed=3)
+    sampler = dataset.BatchSampler(data.lengths(), batch_size=32, max_tokens=700, batching=batching, seed=3)
     for indices in sampler:
-        batch = dataset.collate([data[i] for i in indices], ids["pad"], pad_multiple=8)
-        for row, i in enumerate(indices):
-            assert batch["src"][row, :len(src_ids[i]) + 1].tolist() == src_ids[i] + [ids["eos"]]
-            assert batch["labels"][row, :len(tgt_ids[i]) + 1].tolist() == tgt_ids[i] + [ids["eos"]]
-            assert (batch["src"][row, len(src_ids[i]) + 1:] == ids["pad"]).all()
+        batch = dataset.collate([data[i] for i in indices], ids["pad"], pad_multiple=8, pack_length=pack_length)
+        sentences = []  # (source, labels) of every sentence in the batch, as the model receives them
+        for row in range(batch["src"].size(0)):
+            if pack_length:
+                for number in range(1, int(batch["src_segments"][row].max()) + 1):
+                    sentences.append((batch["src"][row][batch["src_segments"][row] == number].tolist(),
+                                      batch["labels"][row][batch["tgt_segments"][row] == number].tolist()))
+            else:
+                src, labels = batch["src"][row], batch["labels"][row]
+                assert src[:(src != ids["pad"]).sum()].ne(ids["pad"]).all()  # padding only at the end
+                sentences.append((src[src != ids["pad"]].tolist(), labels[labels != ids["pad"]].tolist()))
+        expected = [(src_ids[i] + [ids["eos"]], tgt_ids[i] + [ids["eos"]]) for i in indices]
+        assert sorted(sentences) == sorted(expected)
 
 
 def test_length_filters_count_tokens_not_characters():
@@ -124,9 +133,9 @@ def lengths(n=500, seed=0):
     return list(zip(sources.tolist(), targets.tolist()))
 
 
-@pytest.mark.parametrize("bucketing", [True, False])
-def test_sampler_covers_every_example_once_per_epoch(bucketing):
-    sampler = dataset.BatchSampler(lengths(), batch_size=16, max_tokens=1000, bucketing=bucketing, seed=0)
+@pytest.mark.parametrize("batching", dataset.BATCHINGS)
+def test_sampler_covers_every_example_once_per_epoch(batching):
+    sampler = dataset.BatchSampler(lengths(), batch_size=16, max_tokens=1000, batching=batching, seed=0)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         seen = Counter(i for batch in sampler for i in batch)
@@ -135,7 +144,7 @@ def test_sampler_covers_every_example_once_per_epoch(bucketing):
 
 def test_sampler_respects_the_token_budget_and_varies_by_epoch():
     lens = lengths()
-    sampler = dataset.BatchSampler(lens, batch_size=16, max_tokens=1000, seed=0, pad_multiple=8)
+    sampler = dataset.BatchSampler(lens, batch_size=16, max_tokens=1000, batching="bucketed", seed=0, pad_multiple=8)
     for batch in sampler:
         src = dataset.padded_length(max(lens[i][0] for i in batch), 8)
         tgt = dataset.padded_length(max(lens[i][1] for i in batch), 8)
@@ -143,6 +152,8 @@ def test_sampler_respects_the_token_budget_and_varies_by_epoch():
     first = sampler.batches()
     sampler.set_epoch(1)
     assert sampler.batches() != first
+    packed = dataset.BatchSampler(lens, batch_size=16, max_tokens=1000, batching="packed", seed=0)
+    assert all(sum(sum(lens[i]) for i in batch) <= 1000 or len(batch) == 1 for batch in packed)
 
 
 def test_sampler_is_deterministic_and_resumes_mid_epoch():
@@ -153,18 +164,57 @@ def test_sampler_is_deterministic_and_resumes_mid_epoch():
     assert list(a)[7:] == list(b) and len(b) == len(a) - 7
 
 
-def test_bucketing_cuts_padding():
+def test_bucketing_and_packing_cut_padding():
     lens = lengths(2000)
 
-    def pad_fraction(bucketing):
-        sampler = dataset.BatchSampler(lens, batch_size=32, bucketing=bucketing, seed=0)
+    def pad_fraction(batching):
+        sampler = dataset.BatchSampler(lens, batch_size=32, batching=batching, seed=0)
         real = padded = 0
         for batch in sampler:
+            rows, src_len, tgt_len = dataset.batch_layout([lens[i] for i in batch],
+                                                          pack_length=128 if batching == "packed" else 0)
             real += sum(lens[i][0] + lens[i][1] for i in batch)
-            padded += len(batch) * (max(lens[i][0] for i in batch) + max(lens[i][1] for i in batch))
+            padded += len(rows) * (src_len + tgt_len)
         return 1 - real / padded
 
-    assert pad_fraction(True) < 0.2 < pad_fraction(False)
+    assert max(pad_fraction("bucketed"), pad_fraction("packed")) < 0.1 < 0.2 < pad_fraction("random")
+
+
+def test_packed_batches_hold_the_same_sentences_as_random_batches():
+    random_batches = dataset.BatchSampler(lengths(), batch_size=32, batching="random", seed=4)
+    packed = dataset.BatchSampler(lengths(), batch_size=32, batching="packed", seed=4)
+    assert packed.batches() == random_batches.batches()
+
+
+def test_pack_rows_places_every_example_once_in_balanced_rows():
+    lens = lengths(300, seed=2)
+    rows = dataset.pack_rows(lens, pack_length=200)
+    assert sorted(i for row in rows for i in row) == list(range(300)) and all(rows)
+    assert len(rows) == -(-max(sum(s for s, _ in lens), sum(t for _, t in lens)) // 200)
+    loads = [sum(lens[i][0] for i in row) for row in rows]
+    assert max(loads) - min(loads) < 60  # no row much longer than the others: that would be padding
+    assert dataset.pack_rows([(5, 5), (300, 280)], pack_length=100) == [[1], [0]]  # long sentences are never cut
+
+
+def test_packed_collate_keeps_every_token_and_numbers_sentences():
+    data = dataset.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14], [15, 16, 17]],
+                                      [[20], [21, 22], [23, 24, 25, 26, 27], [28, 29]], sos_id=2, eos_id=3)
+    examples = [data[i] for i in range(4)]
+    batch = dataset.collate(examples, pad_id=0, pack_length=10)
+    assert batch["src"].shape == (2, 11) and batch["labels"].shape == (2, 9)  # 17 and 14 tokens in two rows
+    found = {}
+    for row in range(batch["src"].size(0)):
+        for number in batch["src_segments"][row].unique().tolist():
+            if number:
+                src = batch["src"][row][batch["src_segments"][row] == number].tolist()
+                tgt = batch["tgt_segments"][row] == number
+                found[tuple(src)] = (batch["tgt_in"][row][tgt].tolist(), batch["labels"][row][tgt].tolist())
+    assert found == {tuple(s.tolist()): (t.tolist(), y.tolist()) for s, t, y in examples}
+    assert ((batch["src_segments"] == 0) == (batch["src"] == 0)).all()
+    assert ((batch["tgt_segments"] == 0) == (batch["labels"] == 0)).all()
+    for segments in [*batch["src_segments"], *batch["tgt_segments"]]:  # each sentence in one piece, padding last
+        real = segments[segments > 0]
+        assert (real.diff() >= 0).all() and (segments[len(real):] == 0).all()
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+import dataset
 from conftest import PAD, SOS, make_model, random_batch
-from model import layer_layout
+from model import layer_layout, positions_in_segment
 
 
 def test_forward_shapes():
@@ -33,6 +35,42 @@ def test_padding_does_not_change_a_sentence():
         alone_logits = model(src[row:row + 1, :src_len], tgt[row:row + 1, :tgt_len])
         torch.testing.assert_close(memory[row:row + 1, :src_len], alone_memory, rtol=0, atol=1e-5)
         torch.testing.assert_close(logits[row:row + 1, :tgt_len], alone_logits, rtol=0, atol=1e-5)
+
+
+def test_positions_restart_at_every_packed_sentence():
+    segments = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    assert positions_in_segment(segments).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], list(range(8))]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_packed_rows_give_every_sentence_its_unpacked_logits_and_gradients(tie):
+    src_lens, tgt_lens = [4, 9, 6, 3, 7, 2], [3, 5, 10, 2, 6, 4]
+    sources, targets = random_batch(src_lens), random_batch(tgt_lens, seed=1)
+    examples = [(sources[i, :s], torch.cat([torch.tensor([SOS]), targets[i, :t - 1]]), targets[i, :t])
+                for i, (s, t) in enumerate(zip(src_lens, tgt_lens))]
+    model = make_model(share="cycle_rev", n_layers=4, n_unique=2, tie=tie).train()  # dropout 0: deterministic
+
+    def run(batch):
+        model.zero_grad()
+        logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
+        F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=PAD, reduction="sum").backward()
+        return logits, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    padded = dataset.collate(examples, PAD)
+    packed = dataset.collate(examples, PAD, pack_length=12)
+    assert packed["src"].size(0) < len(examples)  # sentences really share rows
+    padded_logits, padded_grads = run(padded)
+    packed_logits, packed_grads = run(packed)
+    for row in range(packed["src"].size(0)):
+        for number in packed["tgt_segments"][row].unique().tolist():
+            if number:
+                in_sentence = packed["tgt_segments"][row] == number
+                labels = packed["labels"][row][in_sentence]
+                i = next(i for i, (_, _, y) in enumerate(examples) if torch.equal(y, labels))
+                torch.testing.assert_close(packed_logits[row][in_sentence], padded_logits[i, :len(labels)],
+                                           rtol=0, atol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("share, n, m, expected", [
