@@ -9,10 +9,13 @@ batches a variant trained on in its time; `epoch_pad_fraction` that of a whole e
 
 Variants: fixed (random batches, every sequence padded to the longest in the data), dynamic (random
 batches padded to their own longest: the reference's technique, the baseline of every ratio), bucketed
-(length-bucketed batches), packed (random batches packed into rows: the default), and bucketed_amp /
-packed_amp (the same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA); on CUDA also
-packed_bf16 and packed_amp_compile. fixed and dynamic always take --batch_size sentences, as the
-reference did; the others take --max_tokens when it is set.
+(length-bucketed batches), packed (random batches packed into rows), bucketed_amp / packed_amp (the
+same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA), and default (exactly the config's
+batching, precision and optimizer, flags included); on CUDA also packed_bf16 and packed_amp_compile.
+fixed and dynamic always take --batch_size sentences, as the reference did; the others take --max_tokens
+when it is set. Every variant reports fraction_of_peak: analytic training FLOPs per real token x real
+tokens/s / the peak matmul FLOP/s this script measures in that precision, and the attention kernels
+SDPA chose. Decoding runs under the config's --amp (auto: bf16 where the CPU has bf16 matrix units).
 """
 import argparse
 import copy
@@ -44,11 +47,6 @@ def cpu_name():
         return platform.processor()
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length):
     """Padding share of a whole epoch of this sampler's batches (the timed run sees only some of them)."""
     real, padded = 0, 0
@@ -67,56 +65,88 @@ def endless(sampler):
         yield from sampler
 
 
-def run_variant(name, cfg, data, init_state, device, seconds, amp, batching, fixed_lengths=None, compile=False):
+def attention_kernels(model, batch, precision, cfg, pad_id):
+    """Names of the attention kernels SDPA picks for this batch (flash, memory-efficient, cuDNN or math)."""
+    from torch.profiler import profile
+    with profile() as profiler, train.autocast(*precision):
+        logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
+        train.compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing).backward()
+    model.zero_grad(set_to_none=True)
+    return sorted({event.key.removeprefix("aten::") for event in profiler.key_averages()
+                   if event.key.startswith("aten::_") and ("attention" in event.key or "flash" in event.key)})
+
+
+def run_variant(name, cfg, data, init_state, device, seconds, peaks, fixed_lengths=None):
     """Train for `seconds` and count real and padded tokens. Returns the result dict and the trained model."""
-    variant_cfg = dataclasses.replace(cfg, batching=batching, max_tokens=0 if batching == "random" else cfg.max_tokens)
     model = train.build_model(cfg, data).to(device)
     model.load_state_dict(init_state)
-    step_model = torch.compile(model) if compile else model
+    step_model = torch.compile(model) if cfg.compile else model
     optimizer, scheduler = train.make_optimizer(cfg, model, device, 1_000_000)
-    dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    schedule = train.Schedule(scheduler)
+    dtype = train.amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    pad_id = data.ids["pad"]
-    sampler = train.make_sampler(variant_cfg, data.train.lengths())
-    pack_length = cfg.pack_length if batching == "packed" else 0
-    collate = dataset.make_collate(pad_id, cfg.pad_multiple, fixed_lengths, pack_length)
-    warmup, steps, real, padded, started = 3, 0, 0, 0, None
+    pad_id, pad_multiple = data.ids["pad"], train.pad_multiple(cfg, device)
+    sampler = train.make_sampler(cfg, data.train.lengths())
+    pack_length = cfg.pack_length if cfg.batching == "packed" else 0
+    collate = dataset.make_collate(pad_id, pad_multiple, fixed_lengths, pack_length)
+    # torch.compile compiles again for the second shape it sees (then marks sizes dynamic): warm up past that
+    warmup, steps, real, padded, started, kernels = 30 if cfg.compile else 3, 0, 0, 0, None, []
     for indices in endless(sampler):
         batch = collate([data.train[i] for i in indices])
         if steps == warmup:
-            synchronize(device)
+            train.synchronize(device)
             started = time.perf_counter()
         if started is not None:
             real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
             padded += batch["src"].numel() + batch["labels"].numel()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        train.train_step(step_model, batch, optimizer, scheduler, scaler, (device, dtype), cfg, pad_id)
+        if steps == 0:
+            kernels = attention_kernels(model, batch, (device, dtype), cfg, pad_id)
+        train.train_step(step_model, [batch], optimizer, schedule, scaler, (device, dtype), cfg, pad_id)
         steps += 1
         if started is not None and steps % 5 == 0:
-            synchronize(device)
+            train.synchronize(device)
             if time.perf_counter() - started >= seconds:
                 break
     elapsed = time.perf_counter() - started
     sampler.set_epoch(0)
+    lengths = data.train.lengths()
+    flops_per_token = train.training_flops_per_token(cfg, data.src_tokenizer.get_vocab_size(),
+                                                     data.tgt_tokenizer.get_vocab_size(),
+                                                     sum(s for s, _ in lengths) / len(lengths),
+                                                     sum(t for _, t in lengths) / len(lengths))
+    precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    if precision_name not in peaks:
+        peaks[precision_name] = train.peak_flops(device, dtype)
+        log(f"peak matmul throughput, {precision_name}: {peaks[precision_name] / 1e9:,.0f} GFLOP/s")
     result = {"real_tokens_per_sec": real / elapsed, "pad_fraction": 1 - real / padded,
-              "epoch_pad_fraction": epoch_pad_fraction(sampler, cfg.pad_multiple, fixed_lengths, pack_length),
-              "steps": steps - warmup, "seconds": elapsed, "amp": amp, "compile": compile}
-    log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, pad fraction {result['pad_fraction']:.3f} "
-        f"(whole epoch {result['epoch_pad_fraction']:.3f})")
-    return result, model
+              "epoch_pad_fraction": epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length),
+              "fraction_of_peak": real / elapsed * flops_per_token / peaks[precision_name],
+              "steps": steps - warmup, "seconds": elapsed, "precision": precision_name, "batching": cfg.batching,
+              "compile": cfg.compile, "attention_kernels": kernels}
+    log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, {result['fraction_of_peak']:.1%} of the "
+        f"{precision_name} peak, pad fraction {result['pad_fraction']:.3f} (whole epoch "
+        f"{result['epoch_pad_fraction']:.3f}), attention {', '.join(kernels)}")
+    return result, model, flops_per_token
 
 
-def decoding_speeds(model, sources, ids, cfg, beam):
+def decoding_speeds(model, sources, ids, cfg, beam, precision):
+    """Sentences and output tokens per second: greedy without and with the cache, and beam search."""
     results = {}
     for name, options in [("greedy_no_cache", dict(use_cache=False)), ("greedy_cache", dict()),
                           (f"beam{beam}", dict(beam=beam, alpha=cfg.length_penalty))]:
         started = time.perf_counter()
-        translate(model, sources, ids["sos"], ids["eos"], max_len_extra=cfg.max_len_extra, **options)
-        synchronize(next(model.parameters()).device)
-        results[f"{name}_sentences_per_sec"] = len(sources) / (time.perf_counter() - started)
+        with train.autocast(*precision):
+            outputs = translate(model, sources, ids["sos"], ids["eos"], max_len_a=cfg.max_len_a,
+                                max_len_b=cfg.max_len_b, **options)
+        train.synchronize(precision[0])
+        seconds = time.perf_counter() - started
+        results[f"{name}_sentences_per_sec"] = len(sources) / seconds
+        results[f"{name}_tokens_per_sec"] = sum(len(output) + 1 for output in outputs) / seconds
         log(f"decoding {name}: {results[f'{name}_sentences_per_sec']:.1f} sentences/s")
     results["cache_speedup"] = results["greedy_cache_sentences_per_sec"] / results["greedy_no_cache_sentences_per_sec"]
     results["sentences"] = len(sources)
+    results["precision"] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision[1]]
     return results
 
 
@@ -138,25 +168,29 @@ def main(argv=None):
     lengths = data.train.lengths()
     longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
     amp = "fp16" if device.type == "cuda" else "bf16"
-    variants = {"fixed": dict(amp="off", batching="random", fixed_lengths=longest),
-                "dynamic": dict(amp="off", batching="random"),
-                "bucketed": dict(amp="off", batching="bucketed"),
-                "bucketed_amp": dict(amp=amp, batching="bucketed"),
-                "packed": dict(amp="off", batching="packed"),
-                "packed_amp": dict(amp=amp, batching="packed")}
+    unpacked = dict(batching="random", max_tokens=0)
+    variants = {"fixed": dict(amp="off", **unpacked), "dynamic": dict(amp="off", **unpacked),
+                "bucketed": dict(amp="off", batching="bucketed"), "bucketed_amp": dict(amp=amp, batching="bucketed"),
+                "packed": dict(amp="off", batching="packed"), "packed_amp": dict(amp=amp, batching="packed"),
+                "default": {}}
     if device.type == "cuda":
-        variants["packed_bf16"] = dict(amp="bf16", batching="packed")
-        variants["packed_amp_compile"] = dict(amp=amp, batching="packed", compile=True)
-    results, model = {}, None
-    for name, options in variants.items():
-        results[name], model = run_variant(name, cfg, data, init_state, device, args.seconds, **options)
+        variants.update(packed_bf16=dict(amp="bf16", batching="packed"),
+                        packed_amp_compile=dict(amp=amp, batching="packed", compile=True))
+    results, peaks, model = {}, {}, None
+    for name, overrides in variants.items():
+        variant_cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+        results[name], model, flops_per_token = run_variant(name, variant_cfg, data, init_state, device,
+                                                            args.seconds, peaks,
+                                                            longest if name == "fixed" else None)
     baseline = results["dynamic"]["real_tokens_per_sec"]
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
         "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
-                                                "n_unique_layers", "share", "batch_size", "max_tokens",
-                                                "pack_length", "pad_multiple")},
+                                                "n_unique_layers", "share", "batch_size", "max_tokens", "batching",
+                                                "amp", "pack_length", "pad_multiple", "attn_dropout")},
+        "flops_per_token": flops_per_token,
+        "peak_flops": peaks,
         "variants": results,
         "ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
     }
@@ -166,7 +200,8 @@ def main(argv=None):
         sources = dataset.encode(src_tokenizer, [source for source, _ in data.val_pairs[:args.decode_sentences]])
         ids = dataset.special_ids(tgt_tokenizer)
         report["decoding_checkpoint"] = args.decode_checkpoint
-    report["decoding"] = decoding_speeds(model.eval(), sources, ids, cfg, args.decode_beam)
+    report["decoding"] = decoding_speeds(model.eval(), sources, ids, cfg, args.decode_beam,
+                                         (device, train.amp_dtype(cfg.amp, device)))
     print(json.dumps(report, indent=2))
 
 

@@ -12,6 +12,7 @@ TOKENIZERS = ("word", "bpe")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cuda", "cpu")
 BATCHINGS = ("packed", "bucketed", "random")
+ANNEAL_STRATEGIES = ("cos", "linear")
 
 
 @dataclass
@@ -36,26 +37,31 @@ class Config:
     n_unique_layers: int = 3  # distinct blocks those layers are drawn from (ignored when share=none)
     share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
     tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)
-    dropout: float = 0.1  # dropout on embeddings, attention and residual branches
+    dropout: float = 0.1  # dropout on embeddings, residual branches and the feed-forward hidden layer
+    attn_dropout: float = 0.0  # dropout on attention weights (> 0 keeps SDPA off its fused CPU kernel)
     # optimisation
     epochs: int = 10  # passes over the training split
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    max_minutes: float = 0.0  # training-time budget: the schedule is sized to end on time (0 = off)
     batch_size: int = 32  # sentences per batch when max_tokens = 0
+    accum_steps: int = 1  # batches per optimizer step (gradient accumulation; 1 = none)
     max_tokens: int = 0  # source + target tokens per batch, padding included unless packed (0 = use batch_size)
     batching: str = "packed"  # packed (random batches packed into rows), bucketed (similar lengths) or random
     pack_length: int = 128  # packed: tokens a side per row (longer rows: less padding, more attention work)
     bucket_pool: int = 1000  # bucketed: batches' worth of shuffled examples sorted together (smaller = more random)
-    pad_multiple: int = 1  # pad batch lengths up to a multiple of this (8 suits tensor cores)
+    pad_multiple: int = 0  # pad batch lengths up to a multiple of this (0 = auto: 8 on CUDA, 1 on CPU)
     lr: float = 1e-3  # OneCycle peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     pct_start: float = 0.1  # share of steps spent warming up to the peak lr
+    three_phase: bool = False  # OneCycle: also anneal back to the initial lr before the final decay (reference)
+    anneal_strategy: str = "cos"  # OneCycle annealing: cos or linear (reference: linear)
     div_factor: float = 10.0  # initial lr = lr / div_factor
     final_div_factor: float = 10.0  # final lr = initial lr / final_div_factor
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     nan_patience: int = 3  # stop after this many consecutive steps with a non-finite loss
     # system
-    amp: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU), fp16, bf16 or off
+    amp: str = "auto"  # auto (fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32), fp16, bf16 or off
     compile: bool = False  # torch.compile the model for training
     device: str = "auto"  # auto (cuda if available), cuda or cpu
     seed: int = 42  # seeds the split, the batches, initialisation and dropout
@@ -67,7 +73,8 @@ class Config:
     n_eval_sentences: int = 500  # validation sentences translated each epoch for BLEU/chrF/CER/WER
     beam: int = 1  # beam size for evaluation translations (1 = greedy)
     length_penalty: float = 0.6  # GNMT length-penalty alpha for beam search
-    max_len_extra: int = 50  # a translation may be this many tokens longer than its source
+    max_len_a: float = 1.2  # a translation has at most max_len_a * source tokens + max_len_b tokens
+    max_len_b: int = 10  # see max_len_a
 
     def validate(self):
         """Raise ValueError with a one-line message naming the flag to change."""
@@ -79,16 +86,19 @@ class Config:
         require(self.tokenizer in TOKENIZERS,
                 f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
         require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)} (got {self.amp!r})")
+        require(self.anneal_strategy in ANNEAL_STRATEGIES,
+                f"--anneal_strategy must be one of {', '.join(ANNEAL_STRATEGIES)} (got {self.anneal_strategy!r})")
         require(self.batching in BATCHINGS,
                 f"--batching must be one of {', '.join(BATCHINGS)} (got {self.batching!r})")
         require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
         for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "epochs", "batch_size",
-                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pad_multiple", "pack_length",
+                     "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pack_length", "accum_steps",
                      "bucket_pool", "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("max_steps", "max_tokens", "max_len_diff", "num_workers", "n_eval_sentences", "grad_clip",
-                     "dropout", "weight_decay", "label_smoothing", "length_penalty", "max_len_extra"):
+        for name in ("max_steps", "max_minutes", "max_tokens", "max_len_diff", "num_workers", "n_eval_sentences",
+                     "grad_clip", "dropout", "attn_dropout", "weight_decay", "label_smoothing", "length_penalty",
+                     "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % self.n_heads == 0,
                 f"n_heads must divide d_model (got {self.d_model} and {self.n_heads})")
@@ -100,14 +110,15 @@ class Config:
         require(not (self.tie_embeddings and self.tokenizer != "bpe"),
                 "--tie_embeddings true needs --tokenizer bpe (word mode has two vocabularies)")
         require(0 < self.val_fraction < 1, f"--val_fraction must be between 0 and 1 (got {self.val_fraction})")
-        require(self.dropout < 1, f"--dropout must be below 1 (got {self.dropout})")
+        require(self.dropout < 1 and self.attn_dropout < 1, "--dropout and --attn_dropout must be below 1")
+        require(self.max_len_a > 0 or self.max_len_b > 0, "--max_len_a or --max_len_b must be positive")
         require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")
         require(self.lr > 0, f"--lr must be positive (got {self.lr})")
         require(0 < self.pct_start < 1, f"--pct_start must be between 0 and 1 (got {self.pct_start})")
         require(self.div_factor > 0 and self.final_div_factor > 0,
                 "--div_factor and --final_div_factor must be positive")
-        require(self.max_tokens == 0 or self.max_tokens >= 2 * self.pad_multiple,
-                f"--max_tokens must be 0 or at least {2 * self.pad_multiple} (got {self.max_tokens})")
+        require(self.max_tokens == 0 or self.max_tokens >= 16,
+                f"--max_tokens must be 0 or at least 16 (got {self.max_tokens})")
         for path in self.data_files:
             require(path.endswith((".jsonl", ".json", ".tsv", ".parquet")),
                     f"--data_files takes .jsonl, .tsv or .parquet files (got {path!r})")

@@ -194,11 +194,13 @@ def padded_length(length, multiple):
 
 
 def pack_rows(lengths, pack_length):
-    """Share examples with these (source, target) lengths out among rows of about pack_length tokens a side;
-    returns each row's example indices. Longest first, each to the row it leaves shortest, so the rows come
-    out nearly equal and almost nothing is padding."""
+    """Share examples with these (source, target) lengths out among rows of about pack_length tokens a side,
+    or as wide as the longest example if that is wider (the batch is that wide anyway); returns each row's
+    example indices. Longest first, each to the row it leaves shortest, so the rows come out nearly equal
+    and almost nothing is padding."""
+    width = max(pack_length, max(max(s, t) for s, t in lengths))
     total = max(sum(s for s, _ in lengths), sum(t for _, t in lengths))
-    n_rows = min(len(lengths), max(1, math.ceil(total / pack_length)))
+    n_rows = min(len(lengths), max(1, math.ceil(total / width)))
     rows, loads = [[] for _ in range(n_rows)], [[0, 0] for _ in range(n_rows)]
     for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
         src_len, tgt_len = lengths[i]
@@ -258,18 +260,19 @@ class BatchSampler:
     collate to pack (so batches are as varied as random ones, and a token budget counts real tokens).
     "bucketed" shuffles, sorts pools of ~`pool_batches` batches by length, cuts, then shuffles the batch
     order, so batches hold sentences of similar length and almost nothing is padding.
-    Batches are cut by `max_tokens` (source + target tokens, padding included unless packed) or by
+    Batches are cut by `max_tokens` (source + target tokens, padding to each batch's longest included
+    unless packed; rounding up to --pad_multiple is not, so batches do not depend on it) or by
     `batch_size`. With world_size > 1 each rank gets a disjoint shard with the same number of batches.
     `start_batch` skips batches of the current epoch already trained (mid-epoch resume).
     """
 
     def __init__(self, lengths, batch_size, max_tokens=0, batching="bucketed", shuffle=True, seed=0,
-                 rank=0, world_size=1, pad_multiple=1, pool_batches=1000):
+                 rank=0, world_size=1, pool_batches=1000):
         if batching not in BATCHINGS:
             raise ValueError(f"unknown batching {batching!r}")
         self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
         self.batching, self.shuffle, self.seed = batching, shuffle, seed
-        self.rank, self.world_size, self.pad_multiple, self.pool_batches = rank, world_size, pad_multiple, pool_batches
+        self.rank, self.world_size, self.pool_batches = rank, world_size, pool_batches
         self.epoch, self.start_batch, self._cached = 0, 0, None
         if len(lengths) < world_size:
             raise SystemExit(f"error: {len(lengths)} training pairs cannot be shared among {world_size} processes")
@@ -323,8 +326,7 @@ class BatchSampler:
             elif self.batching == "packed":  # packed rows are almost all real tokens
                 full = new_real > self.max_tokens
             else:
-                width = padded_length(new_src, self.pad_multiple) + padded_length(new_tgt, self.pad_multiple)
-                full = (len(batch) + 1) * width > self.max_tokens
+                full = (len(batch) + 1) * (new_src + new_tgt) > self.max_tokens
             if batch and full:
                 batches.append(batch)
                 batch, new_src, new_tgt, new_real = [], src_len, tgt_len, src_len + tgt_len

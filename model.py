@@ -24,9 +24,9 @@ def layer_layout(share, n_layers, n_unique):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model, n_heads, dropout):
+    def __init__(self, d_model, n_heads, attn_dropout):
         super().__init__()
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads, self.attn_dropout = n_heads, attn_dropout
         self.query = nn.Linear(d_model, d_model)
         self.key_value = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -40,9 +40,13 @@ class Attention(nn.Module):
 
     def forward(self, x, key, value, mask=None, causal=False):
         query = self._split_heads(self.query(x))
+        dtype = query.dtype
+        if query.device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():
+            # PyTorch's fused CPU attention runs its backward 1.5-7x slower in bf16 than in fp32 (measured)
+            query, key, value = query.float(), key.float(), value.float()
         y = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).flatten(2))
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        return self.out(y.to(dtype).transpose(1, 2).flatten(2))
 
 
 class FeedForward(nn.Sequential):
@@ -51,9 +55,9 @@ class FeedForward(nn.Sequential):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, d_model, n_heads, d_ff, dropout):
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout):
         super().__init__()
-        self.self_attn_norm, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, dropout)
+        self.self_attn_norm, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, attn_dropout)
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
@@ -64,22 +68,25 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, d_model, n_heads, d_ff, dropout):
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout):
         super().__init__()
-        self.self_attn_norm, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, dropout)
-        self.cross_attn_norm, self.cross_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, dropout)
+        self.self_attn_norm, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, attn_dropout)
+        self.cross_attn_norm, self.cross_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, attn_dropout)
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory, memory_mask, cache=None, self_mask=None):
-        """With a cache (a dict owned by this layer position) x holds only the newest tokens.
+    def forward(self, x, memory, memory_mask, cache=None, self_mask=None, offset=0):
+        """With a cache (a dict owned by this layer position) x holds only the newest token, at position offset.
         self_mask (packed rows only) replaces plain causal masking."""
         h = self.self_attn_norm(x)
         key, value = self.self_attn.keys_values(h)
         if cache is not None:
-            if "self_key" in cache:
-                key, value = torch.cat([cache["self_key"], key], 2), torch.cat([cache["self_value"], value], 2)
-            cache["self_key"], cache["self_value"] = key, value
+            if "self_key" not in cache:  # preallocated once, then written in place: no copy of the past per token
+                shape = (key.size(0), key.size(1), cache["capacity"], key.size(3))
+                cache["self_key"], cache["self_value"] = key.new_empty(shape), value.new_empty(shape)
+            end = offset + key.size(2)
+            cache["self_key"][:, :, offset:end], cache["self_value"][:, :, offset:end] = key, value
+            key, value = cache["self_key"][:, :, :end], cache["self_value"][:, :, :end]
         # Right-padded targets need no key-padding mask: causality already hides later (pad) positions.
         x = x + self.dropout(self.self_attn(h, key, value, mask=self_mask, causal=cache is None and self_mask is None))
         if cache is not None and "cross_key" in cache:
@@ -119,7 +126,8 @@ def sinusoidal_positions(n_positions, d_model):
 
 class Transformer(nn.Module):
     def __init__(self, src_vocab_size, tgt_vocab_size, pad_id, d_model=512, n_heads=8, d_ff=2048, n_layers=6,
-                 n_unique_layers=6, share="none", tie_embeddings=False, dropout=0.1, max_positions=1024):
+                 n_unique_layers=6, share="none", tie_embeddings=False, dropout=0.1, attn_dropout=0.0,
+                 max_positions=1024):
         super().__init__()
         if tie_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError("tied embeddings need one joint vocabulary")
@@ -133,8 +141,8 @@ class Transformer(nn.Module):
         self.embed_dropout = nn.Dropout(dropout)
         self.layout = layer_layout(share, n_layers, n_unique_layers)
         n_blocks = max(self.layout) + 1
-        encoder_blocks = [EncoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_blocks)]
-        decoder_blocks = [DecoderBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_blocks)]
+        encoder_blocks = [EncoderBlock(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_blocks)]
+        decoder_blocks = [DecoderBlock(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_blocks)]
         # Shared positions hold the very same module objects, so they share parameters and gradients.
         self.encoder_layers = nn.ModuleList(encoder_blocks[i] for i in self.layout)
         self.decoder_layers = nn.ModuleList(decoder_blocks[i] for i in self.layout)
@@ -179,7 +187,7 @@ class Transformer(nn.Module):
         return self.encoder_norm(x), src_mask
 
     def decode(self, tgt_in, memory, memory_mask, cache=None, offset=0, tgt_segments=None):
-        """Logits (B, T, V) for decoder inputs tgt_in; with a cache, tgt_in is the tokens from position offset on.
+        """Logits (B, T, V) for decoder inputs tgt_in; with a cache (new_cache), tgt_in is the one token at offset.
         memory_mask: encode's key-padding mask, or for packed rows the (B, 1, T, S) sentence-to-sentence mask."""
         self_mask = None
         if tgt_segments is not None:
@@ -187,7 +195,7 @@ class Transformer(nn.Module):
             self_mask = _same_segment(tgt_segments, tgt_segments) & causal
         x = self._embed(self.tgt_embed, tgt_in, offset, tgt_segments)
         for position, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, memory_mask, None if cache is None else cache[position], self_mask)
+            x = layer(x, memory, memory_mask, None if cache is None else cache[position], self_mask, offset)
         return self.output(self.decoder_norm(x))
 
     def forward(self, src, tgt_in, src_segments=None, tgt_segments=None):
@@ -199,46 +207,72 @@ class Transformer(nn.Module):
         memory, _ = self.encode(src, src_segments)
         return self.decode(tgt_in, memory, _same_segment(tgt_segments, src_segments), tgt_segments=tgt_segments)
 
-    def new_cache(self):
-        """One slot per decoder layer position: a block shared by two positions owns two slots."""
-        return [{} for _ in self.decoder_layers]
+    def new_cache(self, capacity):
+        """One slot per decoder layer position (a block shared by two positions owns two slots), each
+        holding up to `capacity` tokens of keys and values."""
+        return [{"capacity": capacity} for _ in self.decoder_layers]
 
 
 # ---------------------------------------------------------------- decoding
 
-def _limits(src, pad_id, max_len_extra, max_len):
-    """Per-sentence output budget: max_len tokens if given, else source length + max_len_extra."""
+def select_rows(cache, rows):
+    """Keep only these batch rows of every cached tensor, in this order (finished sentences leave the batch)."""
+    for slot in cache:
+        for name in ("self_key", "self_value", "cross_key", "cross_value"):
+            if name in slot:
+                slot[name] = slot[name].index_select(0, rows)
+
+
+def reorder_beams(cache, rows, length):
+    """Beam search: every row takes over the first `length` cached self-attention tokens of row rows[i]."""
+    for slot in cache:
+        for name in ("self_key", "self_value"):
+            slot[name][:, :, :length] = slot[name][rows, :, :length]
+
+
+def output_limits(src, pad_id, max_len_a, max_len_b, max_len, max_positions):
+    """Most tokens (EOS included) each sentence may emit: max_len if given, else a * source length + b
+    (fairseq's max_len_a/max_len_b), never more than the model's positions allow."""
     if max_len:
-        return [max_len] * src.size(0)
-    return ((src != pad_id).sum(1) + max_len_extra).tolist()
+        limits = torch.full((src.size(0),), max_len, device=src.device)
+    else:
+        limits = ((src != pad_id).sum(1) * max_len_a + max_len_b).long()
+    return limits.clamp(1, max_positions - 1)
+
+
+def _strip(ids, eos_id):
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
 @torch.no_grad()
-def greedy_search(model, src, sos_id, eos_id, max_len_extra=50, max_len=0, use_cache=True):
-    """Batched greedy decoding. Sentence i emits at most len(src_i) + max_len_extra tokens (EOS included),
-    or max_len if given. Returns one list of token ids per sentence, without SOS/EOS."""
-    limits = _limits(src, model.pad_id, max_len_extra, max_len)
+def greedy_search(model, src, sos_id, eos_id, max_len_a=1.2, max_len_b=10, max_len=0, use_cache=True):
+    """Batched greedy decoding; see output_limits for the length limit. A sentence leaves the running batch
+    (and the cache) as soon as it ends. Returns one list of token ids per sentence, without SOS/EOS."""
+    limits = output_limits(src, model.pad_id, max_len_a, max_len_b, max_len, model.max_positions)
+    n_steps = int(limits.max())
     memory, src_mask = model.encode(src)
-    tokens = torch.full((src.size(0), 1), sos_id, dtype=torch.long, device=src.device)
-    limit = torch.tensor(limits, device=src.device)
-    done = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-    cache = model.new_cache() if use_cache else None
-    for step in range(max(limits)):
+    output = torch.full((src.size(0), n_steps), eos_id, dtype=torch.long, device=src.device)
+    running = torch.arange(src.size(0), device=src.device)  # the sentence each batch row decodes
+    prefix = torch.full((src.size(0), 1), sos_id, dtype=torch.long, device=src.device)
+    cache = model.new_cache(n_steps) if use_cache else None
+    for step in range(n_steps):
         if use_cache:
-            logits = model.decode(tokens[:, -1:], memory, src_mask, cache, offset=step)
+            logits = model.decode(prefix[:, -1:], memory, src_mask, cache, offset=step)
         else:
-            logits = model.decode(tokens, memory, src_mask)
-        next_token = logits[:, -1].argmax(-1).masked_fill(done, eos_id)
-        tokens = torch.cat([tokens, next_token[:, None]], 1)
-        done |= (next_token == eos_id) | (step + 1 >= limit)
-        if done.all():
-            break
-    return [_strip(row[1:], eos_id, n) for row, n in zip(tokens.tolist(), limits)]
-
-
-def _strip(ids, eos_id, limit):
-    ids = ids[:limit]
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+            logits = model.decode(prefix, memory, src_mask)
+        next_token = logits[:, -1].argmax(-1)
+        output[running, step] = next_token
+        going = (next_token != eos_id) & (step + 1 < limits[running])
+        if not going.all():
+            rows = going.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            running, memory, src_mask, next_token, prefix = (t[rows] for t in (running, memory, src_mask,
+                                                                               next_token, prefix))
+            if use_cache:
+                select_rows(cache, rows)
+        prefix = torch.cat([prefix, next_token[:, None]], 1)
+    return [_strip(row[:limit], eos_id) for row, limit in zip(output.tolist(), limits.tolist())]
 
 
 def length_normalized(log_prob, length, alpha):
@@ -247,76 +281,101 @@ def length_normalized(log_prob, length, alpha):
 
 
 @torch.no_grad()
-def beam_search(model, src, sos_id, eos_id, beam=4, alpha=0.6, max_len_extra=50, max_len=0):
-    """Batched beam search with the decoder cache. A sentence stops once it has `beam` finished hypotheses
-    (or at its length limit); the best finished hypothesis by length-normalised log-probability wins."""
+def beam_search(model, src, sos_id, eos_id, beam=4, alpha=0.6, max_len_a=1.2, max_len_b=10, max_len=0,
+                use_cache=True):
+    """Batched beam search with the decoder cache, in tensor ops over sentences x beams. Each step keeps the
+    `beam` best unfinished candidates of a sentence; a candidate ending in EOS and ranked within the beam
+    is a finished hypothesis. A sentence stops once it has `beam` of them (or at its length limit), and
+    its best finished hypothesis by length-normalised log-probability wins. use_cache=False recomputes
+    every prefix (the reference the cache must match)."""
     n, device = src.size(0), src.device
-    limits = _limits(src, model.pad_id, max_len_extra, max_len)
+    limits = output_limits(src, model.pad_id, max_len_a, max_len_b, max_len, model.max_positions)
+    n_steps = int(limits.max())
     memory, src_mask = model.encode(src)
     memory, src_mask = memory.repeat_interleave(beam, 0), src_mask.repeat_interleave(beam, 0)
-    tokens = torch.full((n * beam, 1), sos_id, dtype=torch.long, device=device)
+    running = torch.arange(n, device=device)  # the sentence of each group of `beam` rows
+    history = torch.full((n, beam, n_steps), eos_id, dtype=torch.long, device=device)
     scores = torch.full((n, beam), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: let only the first one expand
-    finished, done = [[] for _ in range(n)], [False] * n
-    cache = model.new_cache()
-    for step in range(max(limits)):
-        log_probs = model.decode(tokens[:, -1:], memory, src_mask, cache, offset=step)[:, -1].float().log_softmax(-1)
+    best_score = torch.full((n,), float("-inf"), device=device)
+    best = torch.full((n, n_steps), eos_id, dtype=torch.long, device=device)
+    n_finished = torch.zeros(n, dtype=torch.long, device=device)
+    last = torch.full((n * beam, 1), sos_id, dtype=torch.long, device=device)
+    rank = torch.arange(2 * beam, device=device)
+    cache = model.new_cache(n_steps) if use_cache else None
+    for step in range(n_steps):
+        m = running.numel()
+        if use_cache:
+            logits = model.decode(last, memory, src_mask, cache, offset=step)
+        else:
+            prefix = torch.cat([torch.full((m * beam, 1), sos_id, device=device),
+                                history[running, :, :step].reshape(m * beam, step)], 1)
+            logits = model.decode(prefix, memory, src_mask)
+        log_probs = logits[:, -1].float().log_softmax(-1)
         vocab = log_probs.size(-1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, beam * vocab)
-        top_scores, top_index = candidates.topk(2 * beam, dim=1)
-        rows = tokens.tolist()
-        next_beam, next_token, next_score = [], [], []
-        for i, (cand_scores, cand_index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
-            alive = []
-            if not done[i]:
-                at_limit = step + 1 >= limits[i]
-                for rank, (score, index) in enumerate(zip(cand_scores, cand_index)):
-                    source_beam, token = divmod(index, vocab)
-                    if token == eos_id or at_limit:
-                        if rank < beam:  # an EOS ranked below the beam would not have survived
-                            hypothesis = rows[i * beam + source_beam][1:] + ([] if token == eos_id else [token])
-                            finished[i].append((length_normalized(score, step + 1, alpha), hypothesis))
-                    elif len(alive) < beam:
-                        alive.append((source_beam, token, score))
-                    if len(alive) == beam and rank >= beam - 1:
-                        break
-                done[i] = at_limit or len(finished[i]) >= beam
-                if done[i]:
-                    alive = []
-            alive += [(0, eos_id, float("-inf"))] * (beam - len(alive))  # done sentences carry dead beams
-            for source_beam, token, score in alive:
-                next_beam.append(i * beam + source_beam)
-                next_token.append(token)
-                next_score.append(score)
-        if all(done):
-            break
-        order = torch.tensor(next_beam, device=device)
-        tokens = torch.cat([tokens[order], torch.tensor(next_token, device=device)[:, None]], 1)
-        scores = torch.tensor(next_score, device=device).view(n, beam)
-        for slot in cache:
-            slot["self_key"], slot["self_value"] = slot["self_key"][order], slot["self_value"][order]
-    return [max(hypotheses, key=lambda h: h[0])[1] for hypotheses in finished]
+        candidates = (scores.view(-1, 1) + log_probs).view(m, beam * vocab)
+        top_scores, top_index = candidates.topk(2 * beam, dim=1)  # at most `beam` of them end in EOS
+        source_beam, token = top_index // vocab, top_index % vocab
+        hypotheses = history[running].gather(1, source_beam[:, :, None].expand(-1, -1, n_steps)).clone()
+        hypotheses[:, :, step] = token
+        at_limit = (step + 1 >= limits[running])[:, None]
+        ends = (token == eos_id) | at_limit
+        finished = ends & (rank < beam)  # an EOS ranked below the beam would not have survived
+        normalized = length_normalized(top_scores, step + 1, alpha).masked_fill(~finished, float("-inf"))
+        step_best, step_index = normalized.max(1)
+        better = step_best > best_score[running]
+        best_score[running] = torch.where(better, step_best, best_score[running])
+        best[running] = torch.where(better[:, None], hypotheses[torch.arange(m, device=device), step_index],
+                                    best[running])
+        n_finished[running] += finished.sum(1)
+        # the first `beam` candidates that do not end go on, in rank order
+        keep = (rank + 2 * beam * ends).argsort(1)[:, :beam]
+        scores = top_scores.gather(1, keep)
+        history[running] = hypotheses.gather(1, keep[:, :, None].expand(-1, -1, n_steps))
+        last = token.gather(1, keep).view(-1, 1)
+        rows = (torch.arange(m, device=device)[:, None] * beam + source_beam.gather(1, keep)).view(-1)
+        going = (n_finished[running] < beam) & ~at_limit[:, 0]
+        if not going.all():
+            kept = going.nonzero().squeeze(1)
+            if kept.numel() == 0:
+                break
+            running, scores, last = running[kept], scores[kept], last.view(m, beam)[kept].view(-1, 1)
+            rows = rows.view(m, beam)[kept].view(-1)
+            memory, src_mask = memory[rows], src_mask[rows]
+            if use_cache:
+                select_rows(cache, rows)
+        elif use_cache:  # beams of one sentence share its cross-attention keys: only the self-attention past moves
+            reorder_beams(cache, rows, step + 1)
+    return [_strip(row[:limit], eos_id) for row, limit in zip(best.tolist(), limits.tolist())]
 
 
-def translate(model, sources, sos_id, eos_id, beam=1, alpha=0.6, max_len_extra=50, max_len=0, batch_size=64,
-              use_cache=True):
-    """Translate token-id lists (no specials; EOS is appended as in training) in length-sorted batches,
-    returning token-id lists in input order. beam=1 is greedy search."""
+def translate(model, sources, sos_id, eos_id, beam=1, alpha=0.6, max_len_a=1.2, max_len_b=10, max_len=0,
+              max_tokens=6000, use_cache=True):
+    """Translate token-id lists (no specials; EOS is appended as in training), returning token-id lists in
+    input order. Sentences run in length-sorted batches of about max_tokens source tokens (x beam), so short
+    sentences decode in large batches. beam=1 is greedy search. Autocast, if any, is the caller's."""
     device = next(model.parameters()).device
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]), reverse=True)
+    batches, batch = [], []
+    for i in order:
+        if batch and (len(batch) + 1) * (len(sources[batch[0]]) + 1) * beam > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    batches += [batch] if batch else []
     results = [None] * len(sources)
     was_training = model.training
     model.eval()
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        src = torch.full((len(batch), max(len(sources[i]) for i in batch) + 1), model.pad_id, dtype=torch.long)
+    for batch in batches:
+        src = torch.full((len(batch), len(sources[batch[0]]) + 1), model.pad_id, dtype=torch.long)
         for row, i in enumerate(batch):
             src[row, :len(sources[i]) + 1] = torch.tensor(sources[i] + [eos_id])
         src = src.to(device)
+        limits = dict(max_len_a=max_len_a, max_len_b=max_len_b, max_len=max_len)
         if beam == 1:
-            outputs = greedy_search(model, src, sos_id, eos_id, max_len_extra, max_len, use_cache)
+            outputs = greedy_search(model, src, sos_id, eos_id, use_cache=use_cache, **limits)
         else:
-            outputs = beam_search(model, src, sos_id, eos_id, beam, alpha, max_len_extra, max_len)
+            outputs = beam_search(model, src, sos_id, eos_id, beam, alpha, use_cache=use_cache, **limits)
         for i, output in zip(batch, outputs):
             results[i] = output
     model.train(was_training)

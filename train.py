@@ -4,8 +4,12 @@ Multi-GPU: `torchrun --nproc_per_node=N train.py ...`. Resume: `--resume auto`.
 """
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -23,10 +27,17 @@ from config import Config
 from model import Transformer, translate
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
-RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "num_workers", "compile", "log_every", "n_eval_sentences",
-                     "beam", "length_penalty", "max_len_extra"}
+RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "log_every", "pad_multiple",
+                     "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b"}
 MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "share", "tie_embeddings", "dropout",
-                "max_positions")
+                "attn_dropout", "max_positions")
+CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "step", "total_steps", "ranks",
+               "history", "elapsed_seconds")
+CALIBRATION_STEPS = (5, 25)  # --max_minutes times the steps between these two to size the schedule
+# GradScaler starts at 2**16; after this many consecutive skips it is below 2**-8, so gradients that still
+# overflow do so whatever the scale: fp16 then counts skips against --nan_patience.
+FP16_SCALE_HALVINGS = 24
 
 
 @dataclasses.dataclass
@@ -52,20 +63,33 @@ def setup_distributed(cfg):
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # Ranks wait in collectives while rank 0 trains tokenizers or evaluates: far longer than the 10-min default.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=6))
     return dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def amp_dtype(cfg, device):
-    """The autocast dtype, or None for full fp32."""
-    mode = cfg.amp if cfg.amp != "auto" else ("fp16" if device.type == "cuda" else "off")
-    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+def cpu_has_bf16_matmul():
+    """AMX or AVX512-BF16: the CPU multiplies bf16 matrices natively, so bf16 autocast is faster than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def amp_dtype(amp, device):
+    """The autocast dtype for an --amp mode on this device, or None for full fp32."""
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_bf16_matmul() else "off")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("error: --amp bf16 is not supported on this GPU; use --amp fp16")
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[mode]
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
 
 
 def autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def pad_multiple(cfg, device):
+    """--pad_multiple 0 means 8 on CUDA: batch widths then take few distinct values, so kernels that are
+    planned per shape (cuDNN attention graphs, torch.compile) are planned a few times, not per batch."""
+    return cfg.pad_multiple or (8 if device.type == "cuda" else 1)
 
 
 def prepare_data(cfg, tokenizers=None, log=print):
@@ -107,16 +131,48 @@ def build_model(cfg, data):
 def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
     """Training batches as cfg.batching says; evaluation (shuffle=False) always uses plain length-sorted batches."""
     return dataset.BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.batching if shuffle else "bucketed",
-                                shuffle, cfg.seed, rank, world_size, cfg.pad_multiple, cfg.bucket_pool)
+                                shuffle, cfg.seed, rank, world_size, cfg.bucket_pool)
 
 
 def make_loader(data_set, sampler, cfg, pad_id, device):
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0
+    collate = dataset.make_collate(pad_id, pad_multiple(cfg, device), None, pack_length)
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
     return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       collate_fn=dataset.make_collate(pad_id, cfg.pad_multiple, None, pack_length),
-                                       pin_memory=device.type == "cuda", generator=torch.Generator())
+                                       collate_fn=collate, pin_memory=device.type == "cuda",
+                                       generator=torch.Generator())
+
+
+def training_flops_per_token(cfg, src_vocab_size, tgt_vocab_size, mean_src, mean_tgt):
+    """Analytic matmul FLOPs of one training step per real (source + target) token: forward and backward
+    (2 + 4 FLOPs per multiply-add) through every layer use, the output projection, and attention scores
+    within each sentence (causal self-attention counted half). Embedding lookups and the optimizer are left
+    out, as in the usual model-FLOPs-utilisation count."""
+    d, n, s, t = cfg.d_model, cfg.n_layers, mean_src, mean_tgt
+    encoder = n * (s * (4 * d * d + 2 * d * cfg.d_ff) + 2 * s * s * d)
+    decoder = n * (t * (6 * d * d + 2 * d * cfg.d_ff) + s * 2 * d * d + t * t * d + 2 * t * s * d)
+    return 6 * (encoder + decoder + t * d * tgt_vocab_size) / (s + t)
+
+
+def peak_flops(device, dtype):
+    """Measured FLOP/s of large matrix products in this dtype: the ceiling that fraction_of_peak divides by."""
+    size = 8192 if device.type == "cuda" else 2048
+    generator = torch.Generator(device).manual_seed(0)  # the global RNG drives dropout: leave it alone
+    a, b = (torch.rand(size, size, device=device, generator=generator).to(dtype or torch.float32) for _ in range(2))
+    best = float("inf")
+    for _ in range(4):
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- one step
@@ -127,50 +183,98 @@ def compute_loss(logits, labels, pad_id, label_smoothing):
                            label_smoothing=label_smoothing, reduction="sum")
 
 
-def train_step(model, batch, optimizer, scheduler, scaler, precision, cfg, pad_id, world_size=1):
-    """One optimizer step. Returns (summed loss, target tokens, whether the optimizer stepped).
+class Schedule:
+    """Advances OneCycle once per optimizer update that really happened.
 
-    The loss is divided by the target tokens of the whole global batch (all ranks), so DDP's gradient
-    averaging gives exactly the gradient of one big batch. A skipped step (fp16 overflow, or a
-    non-finite gradient in fp32/bf16) leaves weights and the OneCycle schedule untouched.
+    fp32/bf16 must know at once whether the gradients are finite, to skip the update (one host sync per
+    step). Under fp16 the GradScaler and fused AdamW skip on the device; their verdict is copied to the
+    host without waiting and read at the next step, after that step's forward and backward are queued,
+    when the GPU has long finished it. Every update still uses exactly the rate it would get with an
+    immediate check, and no fp16 step waits for the GPU."""
+
+    def __init__(self, scheduler):
+        self.scheduler, self.pending, self.event = scheduler, None, None
+
+    def record(self, stepped):
+        """This step's verdict: a bool (decided now) or a device tensor (read at the next settle)."""
+        if isinstance(stepped, bool):
+            if stepped:
+                self.scheduler.step()
+            return stepped
+        self.pending = stepped.to("cpu", non_blocking=True)  # lands in pinned memory
+        if stepped.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return None
+
+    def settle(self):
+        """Apply the pending verdict, if any; returns it (None when nothing was pending)."""
+        if self.pending is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        stepped, self.pending, self.event = bool(self.pending), None, None
+        if stepped:
+            self.scheduler.step()
+        return stepped
+
+
+def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_id, world_size=1):
+    """One optimizer step over one or more batches (gradient accumulation). Returns (summed loss, target
+    tokens, verdicts, lr): verdicts lists whether the updates settled by this call happened (under fp16,
+    the previous step's; see Schedule), lr the rate this update used.
+
+    Every batch's loss is divided by the target tokens of all the step's batches on all ranks, so
+    accumulation and DDP's gradient averaging give exactly the gradient of one big batch. A skipped update
+    (non-finite gradients: fp16 overflow, or a NaN in any precision) leaves weights and schedule untouched.
     """
     device, dtype = precision
-    labels = batch["labels"]
-    n_tokens = (labels != pad_id).sum()
+    n_tokens = sum((batch["labels"] != pad_id).sum() for batch in batches)
     global_tokens = n_tokens.clone()
     if world_size > 1:
         dist.all_reduce(global_tokens)
-    with autocast(device, dtype):
-        logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
-    loss_sum = compute_loss(logits, labels, pad_id, cfg.label_smoothing)
-    scaler.scale(loss_sum * world_size / global_tokens).backward()
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # DDP all-reduces gradients once per step, on the last batch, not once per batch
+        no_sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast(device, dtype):
+                logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
+            batch_loss = compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing)
+            scaler.scale(batch_loss * world_size / global_tokens).backward()
+        loss_sum += batch_loss.detach()
     scaler.unscale_(optimizer)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    verdicts = [schedule.settle()]
+    lr = optimizer.param_groups[0]["lr"]
     if scaler.is_enabled():
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # fused AdamW skips a non-finite step on the device, without a host sync
         scaler.update()
-        stepped = scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skips
+        verdicts.append(schedule.record(torch.isfinite(grad_norm)))
     else:
         stepped = bool(torch.isfinite(grad_norm))
         if stepped:
             optimizer.step()
+        verdicts.append(schedule.record(stepped))
     optimizer.zero_grad(set_to_none=True)
-    if stepped:
-        scheduler.step()
-    return loss_sum.detach(), n_tokens, stepped
+    return loss_sum, n_tokens, [v for v in verdicts if v is not None], lr
 
 
 def make_optimizer(cfg, model, device, total_steps):
+    """AdamW (fused into a few kernels where PyTorch has them, CPU included) and the OneCycle schedule."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type == "cuda")
-    # OneCycle's three phases each need a step or more: very short runs warm up over at least 1.5 steps.
+                                  fused=device.type in ("cuda", "cpu"))
+    return optimizer, make_scheduler(cfg, optimizer, total_steps)
+
+
+def make_scheduler(cfg, optimizer, total_steps):
+    # OneCycle's phases each need a step or more: very short runs warm up over at least 1.5 steps.
     pct_start = min(0.45, max(cfg.pct_start, 1.5 / total_steps))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy="linear",
-        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, three_phase=True)
-    return optimizer, scheduler
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start, anneal_strategy=cfg.anneal_strategy,
+        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, three_phase=cfg.three_phase)
 
 
 # ---------------------------------------------------------------- validation
@@ -194,7 +298,7 @@ def evaluate(model, data, cfg, precision):
     n = min(cfg.n_eval_sentences, len(data.val))
     with autocast(device, dtype):
         outputs = translate(model, data.val.src_ids[:n], data.ids["sos"], data.ids["eos"], cfg.beam,
-                            cfg.length_penalty, cfg.max_len_extra)
+                            cfg.length_penalty, cfg.max_len_a, cfg.max_len_b)
     hypotheses = [dataset.decode(data.tgt_tokenizer, ids, cfg.tokenizer == "word") for ids in outputs]
     references = [target for _, target in data.val_pairs[:n]]
     model.train()
@@ -208,43 +312,103 @@ def evaluate(model, data, cfg, precision):
     return metrics, examples
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- run directory and checkpoints
+
+@contextlib.contextmanager
+def locked_run_dir(run_dir, is_main):
+    """Create run_dir and hold an OS lock on it for the whole run. A second run on it is refused; the OS
+    drops the lock when the process dies (even by kill -9), so no stale lock is ever left behind."""
+    if not is_main:
+        yield
+        return
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as error:
+        raise SystemExit(f"error: cannot use --run_dir {run_dir}: {error.strerror}; pass a writable directory") \
+            from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"error: --run_dir {run_dir} is in use by another running train.py; wait for it "
+                             "or pass another --run_dir") from None
+        yield
+
+
+def _write_or_explain(write, path):
+    """Run write(temporary path), then rename it over path: a crash or a full disk at any moment leaves
+    the previous file intact, and a failure is one line that says so."""
+    try:
+        write(path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+        hint = "free some disk space" if error.errno == errno.ENOSPC else "check the directory"
+        raise SystemExit(f"error: could not write {path}: {error.strerror}; {kept}; {hint} and resume with "
+                         "--resume auto") from None
+
 
 def save_atomic(state, path):
-    """Write to a temporary file, then rename: a crash at any moment leaves the previous file intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    _write_or_explain(lambda temporary: torch.save(state, temporary), path)
 
 
 def copy_atomic(source, path):
-    shutil.copyfile(source, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    _write_or_explain(lambda temporary: shutil.copyfile(source, temporary), path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
+    """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f"error: refusing to load {path}: it holds pickled Python objects, which could run code; "
+                         "only checkpoints written by train.py load") from None
     except Exception as error:
         raise SystemExit(f"error: cannot read checkpoint {path}: truncated or corrupt "
                          f"({type(error).__name__})") from None
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise SystemExit(f"error: {path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    return checkpoint
 
 
-def check_resumable(saved, cfg, path):
-    current = dataclasses.asdict(cfg)
-    for name, value in current.items():
+def check_resumable(checkpoint, cfg, path, world_size):
+    saved = checkpoint["config"]
+    for name, value in dataclasses.asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
             raise SystemExit(f"error: {path} was trained with --{name} {saved.get(name)} but this run has --{name} "
                              f"{value}; resume with the same value (the schedule, data and model must match) "
                              "or start a new --run_dir")
+    if len(checkpoint["ranks"]) != world_size:
+        raise SystemExit(f"error: {path} was written by {len(checkpoint['ranks'])} processes but this run has "
+                         f"{world_size}; resume with the same number (torchrun --nproc_per_node) because each "
+                         "process's data shard and the schedule length depend on it")
 
 
-def rank_states(world_size, partial_epoch):
+def restore(checkpoint, rank, model, optimizer, scheduler, scaler):
+    """Load a checkpoint's training state, also on another device or precision than it was written on."""
+    model.load_state_dict(checkpoint["model"])
+    # load_state_dict copies the saved group options too; keep this run's kernel choice (fused on CUDA/CPU)
+    kernel_options = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, options in zip(optimizer.param_groups, kernel_options):
+        group.update(options)
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler.is_enabled() and checkpoint["scaler"]:  # a run without fp16 saved an empty scaler: start afresh
+        scaler.load_state_dict(checkpoint["scaler"])
+    restore_rng(checkpoint["ranks"][rank])
+
+
+def rank_states(world_size, device, partial_epoch):
     """Every rank's RNG states and running epoch sums: a resumed run then draws the same dropout masks
-    and reports the same epoch loss as an uninterrupted one."""
+    and reports the same epoch loss as an uninterrupted one. CUDA: this process's own device only."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "partial": partial_epoch}
+             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "partial": partial_epoch}
     if world_size == 1:
         return [state]
     states = [None] * world_size
@@ -255,46 +419,146 @@ def rank_states(world_size, partial_epoch):
 def restore_rng(state):
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
 # ---------------------------------------------------------------- the run
 
+@dataclasses.dataclass
+class Trainer:
+    """What one training run works with, so the epoch loop takes one argument instead of a dozen."""
+    cfg: Config
+    model: torch.nn.Module  # the plain module: evaluated and saved
+    train_model: torch.nn.Module  # the same, wrapped in DDP and/or compiled: trained
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    precision: tuple  # (device, autocast dtype or None)
+    sampler: dataset.BatchSampler
+    data: Data
+    rank: int
+    world_size: int
+    flops_per_token: float
+    peak_flops: float
+    session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
+    calibration_start: tuple = None  # (session step, time) where --max_minutes started timing
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands: saved in every checkpoint, restored on resume."""
+    total_steps: int
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)  # one metrics line per completed epoch
+    elapsed_seconds: float = 0.0  # training and evaluation, all sessions
+    train_seconds: float = 0.0  # training steps only, all sessions: what --max_minutes budgets
+    calibrated: bool = False  # --max_minutes has sized the schedule
+
+
+def new_epoch_sums():
+    return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "seconds": 0.0, "skipped": 0}
+
+
 def main(argv=None):
     cfg = Config.from_args(argv)
     rank, world_size, device = setup_distributed(cfg)
+    try:
+        with locked_run_dir(cfg.run_dir, rank == 0):
+            run(cfg, rank, world_size, device)
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(cfg, rank, world_size, device):
+    """The outline of a run: set-up, resume, epochs (train, evaluate, save)."""
     is_main = rank == 0
     log = print if is_main else (lambda *args, **kwargs: None)
-    precision = (device, amp_dtype(cfg, device))
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    last_path, best_path = os.path.join(cfg.run_dir, "last.pt"), os.path.join(cfg.run_dir, "best.pt")
-    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    precision = (device, amp_dtype(cfg.amp, device))
+    paths = {name: os.path.join(cfg.run_dir, name) for name in ("last.pt", "best.pt", "metrics.jsonl")}
+    checkpoint = load_resume_checkpoint(cfg, paths["last.pt"], world_size, log)
+    data = share_data(cfg, checkpoint, is_main, world_size, log)
+    if is_main:
+        for language, tokenizer in ((cfg.lang_src, data.src_tokenizer), (cfg.lang_tgt, data.tgt_tokenizer)):
+            _write_or_explain(lambda temporary: tokenizer.save(temporary), os.path.join(cfg.run_dir,
+                                                                                       f"tokenizer_{language}.json"))
+    trainer, progress = build_trainer(cfg, data, checkpoint, rank, world_size, precision, log)
+    if is_main:  # metrics.jsonl always holds exactly the epochs this run's state has completed
+        _write_or_explain(lambda temporary: write_lines(temporary, progress.history), paths["metrics.jsonl"])
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(cfg.run_dir, purge_step=progress.step if checkpoint else None)
+    partial = checkpoint["ranks"][rank]["partial"] if checkpoint else new_epoch_sums()
+    stop_signal = catch_stop_signals()
+    best_val = min((line["val_loss"] for line in progress.history), default=float("inf"))
+    while progress.epoch < cfg.epochs and progress.step < progress.total_steps:
+        if stop_requested(stop_signal, world_size, device):  # a signal that came during the last evaluation
+            raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
+        sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
+        if interrupted:
+            save_atomic_everywhere(trainer, progress, sums, paths["last.pt"], is_main)
+            log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
+                f"saved {paths['last.pt']}; continue with --resume auto")
+            if world_size > 1:
+                dist.barrier()
+            raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
+        line = end_epoch(trainer, progress, sums, log)
+        partial = new_epoch_sums()
+        save_atomic_everywhere(trainer, progress, partial, paths["last.pt"], is_main)
+        if is_main:
+            if line["val_loss"] < best_val:
+                best_val = line["val_loss"]
+                copy_atomic(paths["last.pt"], paths["best.pt"])
+            _write_or_explain(lambda temporary: write_lines(temporary, progress.history), paths["metrics.jsonl"])
+            for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak"):
+                if name in line:
+                    writer.add_scalar(f"epoch/{name}", line[name], progress.epoch)
+            writer.flush()
+        if world_size > 1:
+            dist.barrier()
+    if writer:
+        writer.close()
+    log(f"done: {os.path.abspath(paths['best.pt'])} (best val_loss {best_val:.4f})")
 
+
+def write_lines(path, lines):
+    with open(path, "w") as file:
+        file.writelines(json.dumps(line) + "\n" for line in lines)
+
+
+def load_resume_checkpoint(cfg, last_path, world_size, log):
     resume_path = last_path if cfg.resume == "auto" else cfg.resume
     if cfg.resume == "auto" and not os.path.isfile(last_path):
         log(f"resume: no {last_path} yet, starting a new run")
-        resume_path = ""
-    checkpoint = None
-    if resume_path:
-        checkpoint = load_checkpoint(resume_path)
-        check_resumable(checkpoint["config"], cfg, resume_path)
-        log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
-            f"step {checkpoint['step']})")
+        return None
+    if not resume_path:
+        return None
+    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS)
+    check_resumable(checkpoint, cfg, resume_path, world_size)
+    log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
+        f"step {checkpoint['step']})")
+    return checkpoint
 
+
+def share_data(cfg, checkpoint, is_main, world_size, log):
+    """Rank 0 trains the tokenizers (or takes the checkpoint's); every rank then encodes with the very same."""
     tokenizers = [dataset.tokenizer_from_json(text) for text in checkpoint["tokenizers"]] if checkpoint else None
-    data = prepare_data(cfg, tokenizers, log) if tokenizers or is_main else None
-    if world_size > 1 and not tokenizers:  # rank 0 trained the tokenizers; the others use the very same ones
+    if tokenizers or is_main:
+        data = prepare_data(cfg, tokenizers, log)
+    if world_size > 1 and not tokenizers:
         shared = [[data.src_tokenizer.to_str(), data.tgt_tokenizer.to_str()] if is_main else None]
         dist.broadcast_object_list(shared)
         if not is_main:
             data = prepare_data(cfg, [dataset.tokenizer_from_json(text) for text in shared[0]], log)
-    tokenizer_json = [data.src_tokenizer.to_str(), data.tgt_tokenizer.to_str()]
-    if is_main:
-        for name, text in zip((f"tokenizer_{cfg.lang_src}.json", f"tokenizer_{cfg.lang_tgt}.json"), tokenizer_json):
-            with open(os.path.join(cfg.run_dir, name), "w", encoding="utf-8") as file:
-                file.write(text)
+    return data
 
+
+def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
+    device = precision[0]
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = build_model(cfg, data).to(device)
@@ -302,159 +566,188 @@ def main(argv=None):
     log(f"model: {unique:,} unique parameters ({total:,} counting every use of shared layers and tied embeddings); "
         f"layers use blocks {model.layout}")
     train_model = model
-    if world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if world_size > 1:  # the positions table never changes: no need to broadcast it before every forward
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
     if cfg.compile:
         train_model = torch.compile(train_model)
-
     sampler = make_sampler(cfg, data.train.lengths(), rank, world_size)
-    batches_per_epoch = []
+    steps_per_epoch = []
     for epoch in range(cfg.epochs):
         sampler.set_epoch(epoch)
-        batches_per_epoch.append(len(sampler))
-    total_steps = sum(batches_per_epoch) if not cfg.max_steps else min(cfg.max_steps, sum(batches_per_epoch))
-    optimizer, scheduler = make_optimizer(cfg, model, device, total_steps)
+        steps_per_epoch.append(-(-len(sampler) // cfg.accum_steps))
+    total_steps = sum(steps_per_epoch) if not cfg.max_steps else min(cfg.max_steps, sum(steps_per_epoch))
+    progress = Progress(total_steps=checkpoint["total_steps"] if checkpoint else total_steps)
+    optimizer, scheduler = make_optimizer(cfg, model, device, progress.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
-    log(f"train: {total_steps:,} steps over {cfg.epochs} epochs (~{batches_per_epoch[0]:,} batches per epoch"
-        f"{' per rank' if world_size > 1 else ''}, {cfg.batching}), device {device}, "
-        f"amp {precision[1] or 'off (fp32)'}, "
-        f"{'world size ' + str(world_size) if world_size > 1 else 'single process'}")
-
-    epoch, batch_in_epoch, step, history, elapsed = 0, 0, 0, [], 0.0
-    partial = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "seconds": 0.0, "skipped": 0}
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        epoch, batch_in_epoch, step = checkpoint["epoch"], checkpoint["batch_in_epoch"], checkpoint["step"]
-        history, elapsed = checkpoint["history"], checkpoint["elapsed_seconds"]
-        partial = checkpoint["ranks"][rank]["partial"]
-        restore_rng(checkpoint["ranks"][rank])
-    if is_main:  # metrics.jsonl always holds exactly the epochs this run's state has completed
-        with open(metrics_path, "w") as file:
-            file.writelines(json.dumps(line) + "\n" for line in history)
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(cfg.run_dir, purge_step=step if checkpoint else None)
+        restore(checkpoint, rank, model, optimizer, scheduler, scaler)
+        for name in ("epoch", "batch_in_epoch", "step", "history", "elapsed_seconds"):
+            setattr(progress, name, checkpoint[name])
+        progress.train_seconds = checkpoint.get("train_seconds", 0.0)
+        progress.calibrated = checkpoint.get("calibrated", False)
+    lengths = data.train.lengths()
+    flops = training_flops_per_token(cfg, data.src_tokenizer.get_vocab_size(), data.tgt_tokenizer.get_vocab_size(),
+                                     sum(s for s, _ in lengths) / len(lengths), sum(t for _, t in lengths) / len(lengths))
+    log(f"train: {progress.total_steps:,} steps{' (to be sized by --max_minutes)' if cfg.max_minutes else ''} over "
+        f"{cfg.epochs} epochs (~{steps_per_epoch[0]:,} optimizer steps of {cfg.accum_steps} batch(es) per epoch"
+        f"{' per rank' if world_size > 1 else ''}, {cfg.batching}), device {device}, "
+        f"amp {precision[1] or 'off (fp32)'}, {'world size ' + str(world_size) if world_size > 1 else 'single process'}"
+        f", {flops / 1e6:.0f} MFLOP per token")
+    trainer = Trainer(cfg, model, train_model, optimizer, Schedule(scheduler), scaler, precision, sampler, data, rank,
+                      world_size, flops, peak_flops(*precision) if rank == 0 else 1.0)
+    return trainer, progress
 
-    def state(next_epoch, next_batch, partial_epoch):
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": next_epoch, "batch_in_epoch": next_batch, "step": step,
-                "ranks": rank_states(world_size, partial_epoch), "config": dataclasses.asdict(cfg),
-                "tokenizers": tokenizer_json, "history": history, "elapsed_seconds": elapsed}
 
+def catch_stop_signals():
+    """Ctrl-C / SIGTERM finish the current step, save and exit; a second signal ends the process at once."""
     stop_signal = []
 
     def request_stop(signum, frame):
         stop_signal.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+        signal.signal(signum, signal.SIG_DFL)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    return stop_signal
 
-    pad_id = data.ids["pad"]
-    best_val = min((line["val_loss"] for line in history), default=float("inf"))
-    bad_steps = 0
-    while epoch < cfg.epochs and step < total_steps:
-        sampler.set_epoch(epoch, batch_in_epoch)
-        loader = make_loader(data.train, sampler, cfg, pad_id, device)
-        loss_sum = torch.tensor(partial["loss"], dtype=torch.float64, device=device)
-        n_tokens = torch.tensor(partial["tokens"], device=device)
-        real_tokens, skipped, seconds_before = partial["real_tokens"], partial["skipped"], partial["seconds"]
-        started = time.time()
-        progress = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True,
-                        initial=batch_in_epoch, total=batch_in_epoch + len(sampler))
-        interrupted = False
-        for batch in progress:
-            if step >= total_steps:  # max_steps reached mid-epoch
-                break
-            real_tokens += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; the scheduler moves it on afterwards
-            step_loss, step_tokens, stepped = train_step(train_model, batch, optimizer, scheduler, scaler, precision,
-                                                         cfg, pad_id, world_size)
-            loss_sum += step_loss
-            n_tokens += step_tokens
-            step += 1
-            batch_in_epoch += 1
-            if not stepped and scaler.is_enabled():
-                skipped += 1
-            bad_steps = 0 if stepped or scaler.is_enabled() else bad_steps + 1
-            if bad_steps >= cfg.nan_patience:
-                raise SystemExit(f"error: the loss or its gradients were not finite for {bad_steps} consecutive steps "
-                                 f"(last at step {step}); lower --lr (now {cfg.lr}) or check the data")
-            if step % cfg.log_every == 0 and is_main:
-                loss = float(step_loss) / max(1, int(step_tokens))
-                rate = (real_tokens - partial["real_tokens"]) / max(1e-9, time.time() - started)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/tokens_per_sec", rate, step)
-            stop_now = bool(stop_signal)
-            if world_size > 1:  # every rank must leave the loop at the same step
-                flag = torch.tensor(float(stop_now), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop_now = bool(flag)
-            if stop_now:
-                interrupted = True
-                break
-        progress.close()
-        epoch_seconds = seconds_before + time.time() - started
-        elapsed += time.time() - started
-        if interrupted:
-            partial_epoch = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
-                             "seconds": epoch_seconds, "skipped": skipped}
-            snapshot = state(epoch, batch_in_epoch, partial_epoch)
-            if is_main:
-                save_atomic(snapshot, last_path)
-                log(f"interrupted at step {step} (epoch {epoch + 1}, batch {batch_in_epoch}); "
-                    f"saved {last_path}; continue with --resume auto")
-            if world_size > 1:
-                dist.barrier()
-                dist.destroy_process_group()
-            sys.exit(128 + stop_signal[0] if stop_signal else 1)
 
-        if world_size > 1:
-            totals = torch.tensor([float(loss_sum), float(n_tokens), float(real_tokens)], dtype=torch.float64,
-                                  device=device)
-            dist.all_reduce(totals)
-            loss_sum, n_tokens, real_tokens = totals[0], totals[1], int(totals[2])
-        started = time.time()
-        metrics = {}
-        if is_main:
-            metrics, examples = evaluate(model, data, cfg, precision)
-            for source, reference, hypothesis in examples:
-                log(f"  source:      {source}\n  reference:   {reference}\n  translation: {hypothesis}")
-        elapsed += time.time() - started
-        line = {"epoch": epoch + 1, "step": step, "train_loss": float(loss_sum) / max(1, int(n_tokens)), **metrics,
-                "lr": lr, "tokens_per_sec": real_tokens / max(1e-9, epoch_seconds),
-                "epoch_seconds": epoch_seconds, "elapsed_seconds": elapsed, "skipped_steps": skipped}
-        history.append(line)
-        epoch, batch_in_epoch = epoch + 1, 0
-        partial = {"loss": 0.0, "tokens": 0, "real_tokens": 0, "seconds": 0.0, "skipped": 0}
-        snapshot = state(epoch, 0, partial)
-        if is_main:
-            save_atomic(snapshot, last_path)
-            if line["val_loss"] < best_val:
-                best_val = line["val_loss"]
-                copy_atomic(last_path, best_path)
-            with open(metrics_path, "a") as file:
-                file.write(json.dumps(line) + "\n")
-            for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec"):
-                if name in line:
-                    writer.add_scalar(f"epoch/{name}", line[name], epoch)
-            writer.flush()
-            log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in line.items() if k != "epoch"))
-        if world_size > 1:
-            dist.barrier()
-    if writer:
-        writer.close()
+def size_schedule_to_budget(trainer, progress, seconds_per_step, seconds_spent):
+    """--max_minutes: fix the schedule's total from the step rate just measured, then rebuild OneCycle
+    at the step it had reached (rank 0 decides, so every rank runs the same number of steps)."""
+    cfg = trainer.cfg
+    remaining = cfg.max_minutes * 60 - seconds_spent
+    total = torch.tensor(min(progress.total_steps, progress.step + max(1, int(remaining / seconds_per_step))))
+    if trainer.world_size > 1:
+        total = total.to(trainer.precision[0])
+        dist.broadcast(total, 0)
+    trainer.schedule.settle()
+    old = trainer.schedule.scheduler
+    progress.total_steps, progress.calibrated = int(total), True
+    scheduler = make_scheduler(cfg, trainer.optimizer, progress.total_steps)
+    for _ in range(old.last_epoch):
+        scheduler.step()
+    trainer.schedule.scheduler = scheduler
+
+
+def train_epoch(trainer, progress, sums, stop_signal, writer):
+    """Train from progress.batch_in_epoch to the end of the epoch (or of the schedule, or a stop signal).
+    Returns the epoch's running sums and whether a signal interrupted it."""
+    cfg, (device, _), is_main = trainer.cfg, trainer.precision, trainer.rank == 0
+    pad_id = trainer.data.ids["pad"]
+    trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+    loader = make_loader(trainer.data.train, trainer.sampler, cfg, pad_id, device)
+    loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
+    n_tokens = torch.tensor(sums["tokens"], device=device)
+    real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
+    started = time.time()
+    progress_bar = tqdm(total=progress.batch_in_epoch + len(trainer.sampler), initial=progress.batch_in_epoch,
+                        desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
+    batches, bad_steps, interrupted, lr = iter(loader), 0, False, 0.0
+    patience = cfg.nan_patience + (FP16_SCALE_HALVINGS if trainer.scaler.is_enabled() else 0)
+    while progress.step < progress.total_steps:
+        group = [batch for _, batch in zip(range(cfg.accum_steps), batches)]
+        if not group:
+            break
+        real_tokens += sum(int((b["src"] != pad_id).sum() + (b["labels"] != pad_id).sum()) for b in group)
+        group = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in group]
+        step_loss, step_tokens, verdicts, lr = train_step(trainer.train_model, group, trainer.optimizer,
+                                                          trainer.schedule, trainer.scaler, trainer.precision, cfg,
+                                                          pad_id, trainer.world_size)
+        loss_sum += step_loss
+        n_tokens += step_tokens
+        progress.step += 1
+        trainer.session_steps += 1
+        progress.batch_in_epoch += len(group)
+        progress_bar.update(len(group))
+        for stepped in verdicts:
+            skipped += not stepped
+            bad_steps = 0 if stepped else bad_steps + 1
+        if bad_steps >= patience:
+            raise SystemExit(f"error: the loss or its gradients were not finite for {bad_steps} consecutive steps "
+                             f"(last at step {progress.step}); lower --lr (now {cfg.lr}) or check the data")
+        if cfg.max_minutes and not progress.calibrated and trainer.session_steps in CALIBRATION_STEPS:
+            synchronize(device)
+            if trainer.session_steps == CALIBRATION_STEPS[0]:
+                trainer.calibration_start = (trainer.session_steps, time.time())
+            elif trainer.calibration_start:
+                timed_steps, timed_since = trainer.session_steps - trainer.calibration_start[0], trainer.calibration_start[1]
+                size_schedule_to_budget(trainer, progress, (time.time() - timed_since) / timed_steps,
+                                        progress.train_seconds + time.time() - started)
+        if progress.step % cfg.log_every == 0 and is_main:  # reading the loss is a host sync: not every step
+            loss = float(step_loss) / max(1, int(step_tokens))
+            rate = (real_tokens - sums["real_tokens"]) / max(1e-9, time.time() - started)
+            progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
+                                     peak=f"{rate * trainer.flops_per_token / trainer.peak_flops:.0%}")
+            writer.add_scalar("train/loss", loss, progress.step)
+            writer.add_scalar("train/lr", lr, progress.step)
+            writer.add_scalar("train/tokens_per_sec", rate, progress.step)
+        # one process checks its flag every step for free; ranks agree on it by an all-reduce, so only now and then
+        check_stop = trainer.world_size == 1 or progress.step % cfg.log_every == 0
+        if check_stop and stop_requested(stop_signal, trainer.world_size, device):
+            interrupted = True
+            break
+    last_verdict = trainer.schedule.settle()
+    if last_verdict is not None:
+        skipped += not last_verdict
+    progress_bar.close()
+    seconds = time.time() - started
+    progress.elapsed_seconds += seconds
+    progress.train_seconds += seconds
+    sums = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
+            "seconds": seconds_before + seconds, "skipped": skipped, "lr": lr}
+    return sums, interrupted
+
+
+def stop_requested(stop_signal, world_size, device):
+    """Every rank must leave the loop at the same step: the flag is all-reduced (every --log_every steps)."""
+    stop_now = bool(stop_signal)
     if world_size > 1:
-        dist.destroy_process_group()
-    log(f"done: {os.path.abspath(best_path)} (best val_loss {best_val:.4f})")
+        flag = torch.tensor(float(stop_now), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_now = bool(flag)
+    return stop_now
+
+
+def end_epoch(trainer, progress, sums, log):
+    """Combine the ranks' sums, evaluate on rank 0 and append the epoch's metrics line to the history."""
+    device = trainer.precision[0]
+    loss_sum, n_tokens, real_tokens = sums["loss"], sums["tokens"], sums["real_tokens"]
+    if trainer.world_size > 1:
+        totals = torch.tensor([loss_sum, n_tokens, real_tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        loss_sum, n_tokens, real_tokens = float(totals[0]), int(totals[1]), int(totals[2])
+    started = time.time()
+    metrics = {}
+    if trainer.rank == 0:
+        metrics, examples = evaluate(trainer.model, trainer.data, trainer.cfg, trainer.precision)
+        for source, reference, hypothesis in examples:
+            log(f"  source:      {source}\n  reference:   {reference}\n  translation: {hypothesis}")
+    eval_seconds = time.time() - started
+    progress.elapsed_seconds += eval_seconds
+    tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
+    line = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens), **metrics,
+            "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
+            "fraction_of_peak": tokens_per_sec * trainer.flops_per_token / trainer.peak_flops,
+            "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,
+            "elapsed_seconds": progress.elapsed_seconds, "skipped_steps": sums["skipped"]}
+    progress.history.append(line)
+    progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+    log(f"epoch {progress.epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in line.items() if k != "epoch"))
+    return line
+
+
+def save_atomic_everywhere(trainer, progress, sums, path, is_main):
+    """Gather every rank's RNG state and sums (a collective), then rank 0 writes the checkpoint."""
+    state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+             "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+             **dataclasses.asdict(progress),
+             "ranks": rank_states(trainer.world_size, trainer.precision[0], sums),
+             "config": dataclasses.asdict(trainer.cfg),
+             "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
+    if is_main:
+        save_atomic(state, path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 import json
 
+import torch
+
+import train
+
 from conftest import TINY, FIXTURE, run_script
 
 
@@ -7,10 +11,14 @@ def test_bench_prints_one_json_object_with_every_variant():
     result = run_script("bench.py", "--data_files", FIXTURE, "--seconds", "0.3", "--decode_sentences", "8", *TINY)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["variants"]) == {"fixed", "dynamic", "bucketed", "bucketed_amp", "packed", "packed_amp"}
+    assert set(report["variants"]) == {"fixed", "dynamic", "bucketed", "bucketed_amp", "packed", "packed_amp",
+                                       "default"}
     for variant in report["variants"].values():
         assert variant["real_tokens_per_sec"] > 0 and 0 <= variant["pad_fraction"] < 1
-        assert 0 <= variant["epoch_pad_fraction"] < 1
+        assert 0 <= variant["epoch_pad_fraction"] < 1 and 0 < variant["fraction_of_peak"] < 1
+        assert variant["attention_kernels"]  # which SDPA kernel ran is visible
+    auto = {None: "fp32", torch.bfloat16: "bf16"}[train.amp_dtype("auto", torch.device("cpu"))]
+    assert (report["variants"]["default"]["batching"], report["variants"]["default"]["precision"]) == ("packed", auto)
     assert report["ratios_vs_dynamic"]["dynamic"] == 1.0
     pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
     assert pads["fixed"] > pads["dynamic"] > max(pads["bucketed"], pads["packed"])

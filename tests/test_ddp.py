@@ -41,8 +41,8 @@ def train_steps(model, batches_for_step, world_size):
     step_model = DistributedDataParallel(model) if world_size > 1 else model
     for step in range(STEPS):
         batch = dataset.collate(batches_for_step(step), PAD)
-        train.train_step(step_model, batch, optimizer, scheduler, scaler, (torch.device("cpu"), None), CFG, PAD,
-                         world_size)
+        train.train_step(step_model, [batch], optimizer, train.Schedule(scheduler), scaler,
+                         (torch.device("cpu"), None), CFG, PAD, world_size)
 
 
 def ddp_worker(rank, world_size, port, out_path):

@@ -5,7 +5,7 @@ import torch
 
 import train
 from conftest import EOS, PAD, SOS, make_model, random_batch, run_script, tiny_args
-from model import beam_search, greedy_search, length_normalized, translate
+from model import beam_search, greedy_search, length_normalized, output_limits, translate
 
 
 def trained_ish_model(share="none", n_layers=2, n_unique=2):
@@ -22,34 +22,51 @@ SOURCES = random_batch([7, 3, 9, 5, 2], vocab=30, seed=4)
 @pytest.mark.parametrize("share, n_layers, n_unique", [("none", 2, 2), ("cycle_rev", 4, 2), ("sequence", 3, 1)])
 def test_cached_greedy_equals_uncached(share, n_layers, n_unique):
     model = trained_ish_model(share, n_layers, n_unique)
-    cached = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6, use_cache=True)
-    uncached = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6, use_cache=False)
+    cached = greedy_search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6, use_cache=True)
+    uncached = greedy_search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6, use_cache=False)
     assert cached == uncached and any(len(ids) > 2 for ids in cached)
 
 
 def test_cache_follows_layer_positions_not_blocks():
     model = trained_ish_model("cycle_rev", 4, 2)
-    cache = model.new_cache()
+    cache = model.new_cache(7)
     memory, mask = model.encode(SOURCES)
     model.decode(torch.full((5, 1), SOS), memory, mask, cache)
-    assert len(cache) == 4 and all(slot["self_key"].shape[2] == 1 for slot in cache)
+    assert len(cache) == 4 and all(slot["self_key"].shape[2] == 7 for slot in cache)
     assert cache[1]["self_key"] is not cache[2]["self_key"]  # block 1 serves positions 1 and 2
 
 
-def test_padding_a_batch_does_not_change_any_translation():
+def test_cached_beam_search_equals_uncached():
+    model = trained_ish_model("cycle_rev", 4, 2)
+    for beam in (2, 4):
+        cached = beam_search(model, SOURCES, SOS, EOS, beam=beam, max_len_a=1, max_len_b=8)
+        assert cached == beam_search(model, SOURCES, SOS, EOS, beam=beam, max_len_a=1, max_len_b=8, use_cache=False)
+
+
+def test_length_limit_is_a_times_source_plus_b_within_max_positions():
+    src = random_batch([3, 10], vocab=30)
+    assert output_limits(src, PAD, 1.5, 4, 0, 1024).tolist() == [8, 19]
+    assert output_limits(src, PAD, 1.5, 4, 0, 12).tolist() == [8, 11]
+    assert output_limits(src, PAD, 1.5, 4, 5, 1024).tolist() == [5, 5]
     model = trained_ish_model()
-    together = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6)
-    beams = beam_search(model, SOURCES, SOS, EOS, beam=3, max_len_extra=6)
+    assert all(len(ids) <= limit for ids, limit in zip(greedy_search(model, src, SOS, EOS, 1.5, 4), [8, 19]))
+
+
+def test_padding_and_dropping_finished_sentences_do_not_change_any_translation():
+    """Alone, a sentence never shares its batch; together, sentences leave the running batch as they end."""
+    model = trained_ish_model()
+    together = greedy_search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6)
+    beams = beam_search(model, SOURCES, SOS, EOS, beam=3, max_len_a=1, max_len_b=6)
     for row in range(SOURCES.size(0)):
         alone = SOURCES[row:row + 1, :int((SOURCES[row] != PAD).sum())]
-        assert greedy_search(model, alone, SOS, EOS, max_len_extra=6) == [together[row]]
-        assert beam_search(model, alone, SOS, EOS, beam=3, max_len_extra=6) == [beams[row]]
+        assert greedy_search(model, alone, SOS, EOS, max_len_a=1, max_len_b=6) == [together[row]]
+        assert beam_search(model, alone, SOS, EOS, beam=3, max_len_a=1, max_len_b=6) == [beams[row]]
 
 
 def test_beam_one_is_greedy():
     model = trained_ish_model()
-    assert beam_search(model, SOURCES, SOS, EOS, beam=1, max_len_extra=6) == \
-        greedy_search(model, SOURCES, SOS, EOS, max_len_extra=6)
+    assert beam_search(model, SOURCES, SOS, EOS, beam=1, max_len_a=1, max_len_b=6) == \
+        greedy_search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6)
 
 
 def sequence_score(model, src, ids, alpha):
@@ -64,8 +81,8 @@ def sequence_score(model, src, ids, alpha):
 
 def test_beam_finds_hypotheses_at_least_as_likely_as_greedy():
     model = trained_ish_model()
-    greedy = greedy_search(model, SOURCES, SOS, EOS, max_len_extra=20)
-    beams = beam_search(model, SOURCES, SOS, EOS, beam=4, alpha=0.6, max_len_extra=20)
+    greedy = greedy_search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=20)
+    beams = beam_search(model, SOURCES, SOS, EOS, beam=4, alpha=0.6, max_len_a=1, max_len_b=20)
     better = 0
     for row in range(SOURCES.size(0)):
         src = SOURCES[row:row + 1, :int((SOURCES[row] != PAD).sum())]
@@ -79,8 +96,8 @@ def test_translate_restores_input_order_across_batches():
     model = trained_ish_model()
     sources = [row[row != PAD][:-1].tolist() for row in SOURCES]
     expected = greedy_search(model, SOURCES, SOS, EOS)
-    assert translate(model, sources, SOS, EOS, batch_size=2) == expected
-    assert translate(model, sources, SOS, EOS, beam=1, batch_size=2, use_cache=False) == expected
+    assert translate(model, sources, SOS, EOS, max_tokens=12) == expected
+    assert translate(model, sources, SOS, EOS, beam=1, max_tokens=12, use_cache=False) == expected
 
 
 @pytest.fixture(scope="module")

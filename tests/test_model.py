@@ -134,6 +134,6 @@ def test_a_tiny_model_memorises_sixteen_pairs():
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(steps):
-        loss_sum, n_tokens, _ = train.train_step(model, batch, optimizer, scheduler, scaler,
-                                                 (torch.device("cpu"), None), cfg, PAD)
+        loss_sum, n_tokens, _, _ = train.train_step(model, [batch], optimizer, train.Schedule(scheduler), scaler,
+                                                    (torch.device("cpu"), None), cfg, PAD)
     assert float(loss_sum) / int(n_tokens) < 0.3

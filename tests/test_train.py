@@ -45,28 +45,30 @@ def test_gradscaler_skip_does_not_step_the_scheduler():
     cfg = Config()
     model = make_model().train()
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
+    schedule = train.Schedule(scheduler)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     precision = (torch.device("cpu"), None)
     before = [p.detach().clone() for p in model.parameters()]
     hook = model.output.weight.register_hook(lambda grad: grad * float("inf"))
-    _, _, stepped = train.train_step(model, one_batch(), optimizer, scheduler, scaler, precision, cfg, PAD)
-    assert not stepped and scheduler.last_epoch == 0 and scaler.get_scale() == 512.0
+    _, _, verdicts, _ = train.train_step(model, [one_batch()], optimizer, schedule, scaler, precision, cfg, PAD)
+    assert verdicts == [] and scaler.get_scale() == 512.0  # the fp16 verdict is read one step later
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     hook.remove()
-    _, _, stepped = train.train_step(model, one_batch(), optimizer, scheduler, scaler, precision, cfg, PAD)
-    assert stepped and scheduler.last_epoch == 1
+    _, _, verdicts, _ = train.train_step(model, [one_batch()], optimizer, schedule, scaler, precision, cfg, PAD)
+    assert verdicts == [False] and scheduler.last_epoch == 0
+    assert schedule.settle() is True and scheduler.last_epoch == 1
 
 
 def test_bf16_autocast_trains_on_cpu():
     cfg = Config(amp="bf16")
     model = make_model().train()
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
-    precision = (torch.device("cpu"), train.amp_dtype(cfg, torch.device("cpu")))
+    precision = (torch.device("cpu"), train.amp_dtype(cfg.amp, torch.device("cpu")))
     assert precision[1] == torch.bfloat16
     before = model.output.weight.detach().clone()
-    loss, tokens, stepped = train.train_step(model, one_batch(), optimizer, scheduler,
-                                             torch.amp.GradScaler("cpu", enabled=False), precision, cfg, PAD)
-    assert stepped and torch.isfinite(loss) and loss.dtype == torch.float32
+    loss, tokens, verdicts, _ = train.train_step(model, [one_batch()], optimizer, train.Schedule(scheduler),
+                                                 torch.amp.GradScaler("cpu", enabled=False), precision, cfg, PAD)
+    assert verdicts == [True] and torch.isfinite(loss) and loss.dtype == torch.float32
     assert not torch.equal(before, model.output.weight)
 
 
@@ -217,9 +219,9 @@ def test_compile_survives_changing_batch_shapes(pack_length):
         src, tgt = random_batch(lengths, seed=seed), random_batch(lengths[::-1], seed=seed + 9)
         examples = [(s[s != PAD], t[t != PAD], t[t != PAD]) for s, t in zip(src, tgt)]
         batch = dataset.collate(examples, PAD, pack_length=pack_length)
-        _, _, stepped = train.train_step(compiled, batch, optimizer, scheduler, scaler, (torch.device("cpu"), None),
-                                         cfg, PAD)
-        assert stepped
+        _, _, verdicts, _ = train.train_step(compiled, [batch], optimizer, train.Schedule(scheduler), scaler,
+                                             (torch.device("cpu"), None), cfg, PAD)
+        assert verdicts == [True]
     # the second shape makes dynamo mark the sizes dynamic; later shapes reuse that graph
     assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert "_orig_mod" not in "".join(model.state_dict())
