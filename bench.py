@@ -110,11 +110,7 @@ def run_variant(name, cfg, data, init_state, device, seconds, peaks, fixed_lengt
                 break
     elapsed = time.perf_counter() - started
     sampler.set_epoch(0)
-    lengths = data.train.lengths()
-    flops_per_token = train.training_flops_per_token(cfg, data.src_tokenizer.get_vocab_size(),
-                                                     data.tgt_tokenizer.get_vocab_size(),
-                                                     sum(s for s, _ in lengths) / len(lengths),
-                                                     sum(t for _, t in lengths) / len(lengths))
+    flops_per_token = train.training_flops_per_token(cfg, data)
     precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     if precision_name not in peaks:
         peaks[precision_name] = train.peak_flops(device, dtype)

@@ -37,7 +37,7 @@ class Config:
     n_unique_layers: int = 3  # distinct blocks those layers are drawn from (ignored when share=none)
     share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
     tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)
-    dropout: float = 0.1  # dropout on embeddings, residual branches and the feed-forward hidden layer
+    dropout: float = 0.0  # dropout on embeddings, residual branches and the feed-forward hidden layer
     attn_dropout: float = 0.0  # dropout on attention weights (> 0 keeps SDPA off its fused CPU kernel)
     # optimisation
     epochs: int = 10  # passes over the training split

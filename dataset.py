@@ -25,20 +25,26 @@ def load_pairs(cfg):
     """(source, target) string pairs from local files or the hub, plus the count of unusable rows dropped."""
     if cfg.data_files:
         return read_pairs(cfg.data_files, cfg.lang_src, cfg.lang_tgt)
-    return _usable_pairs(_hub_rows(cfg.dataset, cfg.lang_src, cfg.lang_tgt), cfg.lang_src, cfg.lang_tgt,
-                         f"Helsinki-NLP/{cfg.dataset}")
+    name = f"Helsinki-NLP/{cfg.dataset}"
+    rows = ((f"{name} row {number}", row) for number, row in enumerate(_hub_rows(cfg.dataset, cfg.lang_src,
+                                                                                 cfg.lang_tgt), 1))
+    return _usable_pairs(rows, cfg.lang_src, cfg.lang_tgt, name)
 
 
-def read_pairs(paths, src, tgt):
-    """Pairs from local .jsonl (opus_books rows), .tsv (source<TAB>target) or .parquet files."""
-    rows = (row for path in paths for row in _read_rows(path, src, tgt))
-    return _usable_pairs(rows, src, tgt, ", ".join(paths))
+def read_pairs(paths, src, tgt, strict=False):
+    """Pairs from local .jsonl (opus_books rows), .tsv (source<TAB>target) or .parquet files. strict: a row
+    without a usable source and target stops with its file and line instead of being dropped."""
+    rows = (located for path in paths for located in _read_rows(path, src, tgt))
+    return _usable_pairs(rows, src, tgt, ", ".join(paths), strict)
 
 
-def _usable_pairs(rows, src, tgt, origin):
+def _usable_pairs(rows, src, tgt, origin, strict=False):
+    """rows: (where, row) with where naming the file and line (or the hub row) for error messages."""
     pairs, dropped = [], 0
-    for row in rows:
+    for where, row in rows:
         pair = _pair_from_row(row, src, tgt)
+        if pair is None and strict:
+            raise SystemExit(f"error: {where}: needs a non-empty {src!r} source and {tgt!r} reference")
         if pair is None:
             dropped += 1
         else:
@@ -61,29 +67,42 @@ def _pair_from_row(row, src, tgt):
 
 
 def _read_rows(path, src, tgt):
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a directory; --data_files takes .jsonl, .tsv or .parquet files")
     if not os.path.isfile(path):
         raise SystemExit(f"error: data file not found: {path}")
     if path.endswith(".parquet"):
         import datasets  # slow to import; only the hub and Parquet need it
         try:
-            yield from datasets.load_dataset("parquet", data_files=[path], split="train")
+            rows = datasets.load_dataset("parquet", data_files=[path], split="train")
         except Exception as error:
             raise SystemExit(f"error: {path}: not a readable Parquet file ({type(error).__name__})") from None
+        yield from ((f"{path} row {number}", row) for number, row in enumerate(rows, 1))
         return
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    try:
+        file = open(path, "rb")  # decoded line by line, so an encoding error names its line
+    except OSError as error:
+        raise SystemExit(f"error: cannot read {path}: {error.strerror}") from None
+    with file:
+        for number, raw in enumerate(file, 1):
+            where = f"{path}:{number}"
+            try:  # a UTF-8 byte-order mark is accepted, and so are Windows line endings
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as error:
+                raise SystemExit(f"error: {where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                                 f"{error.start + 1}); convert the file to UTF-8") from None
             if not line.strip():
                 continue
             if path.endswith(".tsv"):
-                fields = line.rstrip("\n").split("\t")
+                fields = line.split("\t")
                 if len(fields) != 2:
-                    raise SystemExit(f"error: {path}:{number}: expected source<TAB>target, found {len(fields)} fields")
-                yield {"translation": {src: fields[0], tgt: fields[1]}}
+                    raise SystemExit(f"error: {where}: expected source<TAB>target, found {len(fields)} fields")
+                yield where, {"translation": {src: fields[0], tgt: fields[1]}}
             else:
                 try:
-                    yield json.loads(line)
+                    yield where, json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise SystemExit(f"error: {path}:{number}: malformed JSON ({error.msg})") from None
+                    raise SystemExit(f"error: {where}: malformed JSON ({error.msg})") from None
 
 
 def _hub_rows(name, src, tgt):

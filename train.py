@@ -13,7 +13,6 @@ import pickle
 import random
 import shutil
 import signal
-import sys
 import time
 
 import torch
@@ -32,9 +31,8 @@ RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compi
 MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "share", "tie_embeddings", "dropout",
                 "attn_dropout", "max_positions")
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "epoch", "batch_in_epoch", "step", "total_steps", "ranks",
-               "history", "elapsed_seconds")
-CALIBRATION_STEPS = (5, 25)  # --max_minutes times the steps between these two to size the schedule
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
+CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
 # GradScaler starts at 2**16; after this many consecutive skips it is below 2**-8, so gradients that still
 # overflow do so whatever the scale: fp16 then counts skips against --nan_patience.
 FP16_SCALE_HALVINGS = 24
@@ -144,24 +142,31 @@ def make_loader(data_set, sampler, cfg, pad_id, device):
                                        generator=torch.Generator())
 
 
-def training_flops_per_token(cfg, src_vocab_size, tgt_vocab_size, mean_src, mean_tgt):
-    """Analytic matmul FLOPs of one training step per real (source + target) token: forward and backward
-    (2 + 4 FLOPs per multiply-add) through every layer use, the output projection, and attention scores
-    within each sentence (causal self-attention counted half). Embedding lookups and the optimizer are left
-    out, as in the usual model-FLOPs-utilisation count."""
-    d, n, s, t = cfg.d_model, cfg.n_layers, mean_src, mean_tgt
-    encoder = n * (s * (4 * d * d + 2 * d * cfg.d_ff) + 2 * s * s * d)
-    decoder = n * (t * (6 * d * d + 2 * d * cfg.d_ff) + s * 2 * d * d + t * t * d + 2 * t * s * d)
-    return 6 * (encoder + decoder + t * d * tgt_vocab_size) / (s + t)
+def training_flops_per_token(cfg, data):
+    """Analytic matmul FLOPs of one training step per real (source + target) token over the training data:
+    forward and backward (2 + 4 FLOPs per multiply-add) through every layer use, the output projection, and
+    attention scores within each sentence (causal self-attention counted half). Embedding lookups and the
+    optimizer are left out, as in the usual model-FLOPs-utilisation count."""
+    d, n, vocab = cfg.d_model, cfg.n_layers, data.tgt_tokenizer.get_vocab_size()
+    multiply_adds, tokens = 0, 0
+    for s, t in data.train.lengths():
+        encoder = n * (s * (4 * d * d + 2 * d * cfg.d_ff) + 2 * s * s * d)
+        decoder = n * (t * (6 * d * d + 2 * d * cfg.d_ff) + s * 2 * d * d + t * t * d + 2 * t * s * d)
+        multiply_adds += encoder + decoder + t * d * vocab
+        tokens += s + t
+    return 6 * multiply_adds / tokens
 
 
-def peak_flops(device, dtype):
-    """Measured FLOP/s of large matrix products in this dtype: the ceiling that fraction_of_peak divides by."""
-    size = 8192 if device.type == "cuda" else 2048
+def peak_flops(device, dtype, size=None):
+    """Measured FLOP/s of large matrix products in this dtype: the ceiling that fraction_of_peak divides by.
+    None for fp16 on a CPU, which has no fp16 matrix units worth measuring (and takes minutes to try)."""
+    if device.type == "cpu" and dtype == torch.float16:
+        return None
+    size = size or (8192 if device.type == "cuda" else 2048)
     generator = torch.Generator(device).manual_seed(0)  # the global RNG drives dropout: leave it alone
     a, b = (torch.rand(size, size, device=device, generator=generator).to(dtype or torch.float32) for _ in range(2))
     best = float("inf")
-    for _ in range(4):
+    for _ in range(10):  # the fastest of several: a busy machine only ever slows a product down
         synchronize(device)
         started = time.perf_counter()
         a @ b
@@ -192,13 +197,14 @@ class Schedule:
     when the GPU has long finished it. Every update still uses exactly the rate it would get with an
     immediate check, and no fp16 step waits for the GPU."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, frozen=False):
         self.scheduler, self.pending, self.event = scheduler, None, None
+        self.frozen = frozen  # holds the initial rate while --max_minutes measures the step time
 
     def record(self, stepped):
         """This step's verdict: a bool (decided now) or a device tensor (read at the next settle)."""
         if isinstance(stepped, bool):
-            if stepped:
+            if stepped and not self.frozen:
                 self.scheduler.step()
             return stepped
         self.pending = stepped.to("cpu", non_blocking=True)  # lands in pinned memory
@@ -214,7 +220,7 @@ class Schedule:
         if self.event is not None:
             self.event.synchronize()
         stepped, self.pending, self.event = bool(self.pending), None, None
-        if stepped:
+        if stepped and not self.frozen:
             self.scheduler.step()
         return stepped
 
@@ -440,9 +446,10 @@ class Trainer:
     rank: int
     world_size: int
     flops_per_token: float
-    peak_flops: float
+    peak_flops: float  # None where not measured (other ranks, fp16 on a CPU)
     session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
-    calibration_start: tuple = None  # (session step, time) where --max_minutes started timing
+    bad_steps: int = 0  # consecutive skipped updates, across epochs
+    calibration_start: float = None  # when --max_minutes started timing steps
 
 
 @dataclasses.dataclass
@@ -497,10 +504,11 @@ def run(cfg, rank, world_size, device):
     best_val = min((line["val_loss"] for line in progress.history), default=float("inf"))
     while progress.epoch < cfg.epochs and progress.step < progress.total_steps:
         if stop_requested(stop_signal, world_size, device):  # a signal that came during the last evaluation
+            log(f"stopped after epoch {progress.epoch}; {paths['last.pt']} holds it; continue with --resume auto")
             raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
         sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
         if interrupted:
-            save_atomic_everywhere(trainer, progress, sums, paths["last.pt"], is_main)
+            save_checkpoint(trainer, progress, sums, paths["last.pt"], is_main)
             log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
                 f"saved {paths['last.pt']}; continue with --resume auto")
             if world_size > 1:
@@ -508,14 +516,14 @@ def run(cfg, rank, world_size, device):
             raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
         line = end_epoch(trainer, progress, sums, log)
         partial = new_epoch_sums()
-        save_atomic_everywhere(trainer, progress, partial, paths["last.pt"], is_main)
+        save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
         if is_main:
             if line["val_loss"] < best_val:
                 best_val = line["val_loss"]
                 copy_atomic(paths["last.pt"], paths["best.pt"])
             _write_or_explain(lambda temporary: write_lines(temporary, progress.history), paths["metrics.jsonl"])
             for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak"):
-                if name in line:
+                if line.get(name) is not None:
                     writer.add_scalar(f"epoch/{name}", line[name], progress.epoch)
             writer.flush()
         if world_size > 1:
@@ -537,7 +545,8 @@ def load_resume_checkpoint(cfg, last_path, world_size, log):
         return None
     if not resume_path:
         return None
-    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS)
+    progress_keys = tuple(field.name for field in dataclasses.fields(Progress))
+    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + progress_keys)
     check_resumable(checkpoint, cfg, resume_path, world_size)
     log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
         f"step {checkpoint['step']})")
@@ -577,25 +586,23 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
         sampler.set_epoch(epoch)
         steps_per_epoch.append(-(-len(sampler) // cfg.accum_steps))
     total_steps = sum(steps_per_epoch) if not cfg.max_steps else min(cfg.max_steps, sum(steps_per_epoch))
-    progress = Progress(total_steps=checkpoint["total_steps"] if checkpoint else total_steps)
+    progress = (Progress(**{field.name: checkpoint[field.name] for field in dataclasses.fields(Progress)})
+                if checkpoint else Progress(total_steps))
     optimizer, scheduler = make_optimizer(cfg, model, device, progress.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
     if checkpoint:
         restore(checkpoint, rank, model, optimizer, scheduler, scaler)
-        for name in ("epoch", "batch_in_epoch", "step", "history", "elapsed_seconds"):
-            setattr(progress, name, checkpoint[name])
-        progress.train_seconds = checkpoint.get("train_seconds", 0.0)
-        progress.calibrated = checkpoint.get("calibrated", False)
-    lengths = data.train.lengths()
-    flops = training_flops_per_token(cfg, data.src_tokenizer.get_vocab_size(), data.tgt_tokenizer.get_vocab_size(),
-                                     sum(s for s, _ in lengths) / len(lengths), sum(t for _, t in lengths) / len(lengths))
+    flops = training_flops_per_token(cfg, data)
     log(f"train: {progress.total_steps:,} steps{' (to be sized by --max_minutes)' if cfg.max_minutes else ''} over "
         f"{cfg.epochs} epochs (~{steps_per_epoch[0]:,} optimizer steps of {cfg.accum_steps} batch(es) per epoch"
         f"{' per rank' if world_size > 1 else ''}, {cfg.batching}), device {device}, "
         f"amp {precision[1] or 'off (fp32)'}, {'world size ' + str(world_size) if world_size > 1 else 'single process'}"
         f", {flops / 1e6:.0f} MFLOP per token")
-    trainer = Trainer(cfg, model, train_model, optimizer, Schedule(scheduler), scaler, precision, sampler, data, rank,
-                      world_size, flops, peak_flops(*precision) if rank == 0 else 1.0)
+    # a smaller product than bench.py's: this one is start-up time of every run
+    peak = peak_flops(*precision, size=1024 if device.type == "cpu" else 4096) if rank == 0 else None
+    schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
+    trainer = Trainer(cfg, model, train_model, optimizer, schedule, scaler, precision, sampler, data, rank,
+                      world_size, flops, peak)
     return trainer, progress
 
 
@@ -613,21 +620,18 @@ def catch_stop_signals():
 
 
 def size_schedule_to_budget(trainer, progress, seconds_per_step, seconds_spent):
-    """--max_minutes: fix the schedule's total from the step rate just measured, then rebuild OneCycle
-    at the step it had reached (rank 0 decides, so every rank runs the same number of steps)."""
-    cfg = trainer.cfg
-    remaining = cfg.max_minutes * 60 - seconds_spent
-    total = torch.tensor(min(progress.total_steps, progress.step + max(1, int(remaining / seconds_per_step))))
+    """--max_minutes: the steps so far ran at the initial rate while their time was measured; fit the
+    OneCycle schedule into the time that is left at that rate (rank 0 decides, so every rank runs the
+    same number of steps)."""
+    remaining = trainer.cfg.max_minutes * 60 - seconds_spent
+    total = torch.tensor(min(progress.total_steps, progress.step + max(2, int(remaining / seconds_per_step))))
     if trainer.world_size > 1:
         total = total.to(trainer.precision[0])
         dist.broadcast(total, 0)
     trainer.schedule.settle()
-    old = trainer.schedule.scheduler
     progress.total_steps, progress.calibrated = int(total), True
-    scheduler = make_scheduler(cfg, trainer.optimizer, progress.total_steps)
-    for _ in range(old.last_epoch):
-        scheduler.step()
-    trainer.schedule.scheduler = scheduler
+    trainer.schedule.scheduler = make_scheduler(trainer.cfg, trainer.optimizer, progress.total_steps - progress.step)
+    trainer.schedule.frozen = False
 
 
 def train_epoch(trainer, progress, sums, stop_signal, writer):
@@ -643,7 +647,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     started = time.time()
     progress_bar = tqdm(total=progress.batch_in_epoch + len(trainer.sampler), initial=progress.batch_in_epoch,
                         desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
-    batches, bad_steps, interrupted, lr = iter(loader), 0, False, 0.0
+    batches, interrupted, lr = iter(loader), False, 0.0
     patience = cfg.nan_patience + (FP16_SCALE_HALVINGS if trainer.scaler.is_enabled() else 0)
     while progress.step < progress.total_steps:
         group = [batch for _, batch in zip(range(cfg.accum_steps), batches)]
@@ -660,25 +664,21 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
         trainer.session_steps += 1
         progress.batch_in_epoch += len(group)
         progress_bar.update(len(group))
-        for stepped in verdicts:
-            skipped += not stepped
-            bad_steps = 0 if stepped else bad_steps + 1
-        if bad_steps >= patience:
-            raise SystemExit(f"error: the loss or its gradients were not finite for {bad_steps} consecutive steps "
-                             f"(last at step {progress.step}); lower --lr (now {cfg.lr}) or check the data")
+        skipped += count_skips(trainer, verdicts, patience, progress.step)
         if cfg.max_minutes and not progress.calibrated and trainer.session_steps in CALIBRATION_STEPS:
             synchronize(device)
             if trainer.session_steps == CALIBRATION_STEPS[0]:
-                trainer.calibration_start = (trainer.session_steps, time.time())
-            elif trainer.calibration_start:
-                timed_steps, timed_since = trainer.session_steps - trainer.calibration_start[0], trainer.calibration_start[1]
-                size_schedule_to_budget(trainer, progress, (time.time() - timed_since) / timed_steps,
+                trainer.calibration_start = time.time()
+            else:
+                seconds_per_step = (time.time() - trainer.calibration_start) / (CALIBRATION_STEPS[1] -
+                                                                               CALIBRATION_STEPS[0])
+                size_schedule_to_budget(trainer, progress, seconds_per_step,
                                         progress.train_seconds + time.time() - started)
         if progress.step % cfg.log_every == 0 and is_main:  # reading the loss is a host sync: not every step
             loss = float(step_loss) / max(1, int(step_tokens))
             rate = (real_tokens - sums["real_tokens"]) / max(1e-9, time.time() - started)
             progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
-                                     peak=f"{rate * trainer.flops_per_token / trainer.peak_flops:.0%}")
+                                     peak=f"{fraction_of_peak(trainer, rate) or 0:.0%}")
             writer.add_scalar("train/loss", loss, progress.step)
             writer.add_scalar("train/lr", lr, progress.step)
             writer.add_scalar("train/tokens_per_sec", rate, progress.step)
@@ -687,9 +687,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
         if check_stop and stop_requested(stop_signal, trainer.world_size, device):
             interrupted = True
             break
-    last_verdict = trainer.schedule.settle()
-    if last_verdict is not None:
-        skipped += not last_verdict
+    skipped += count_skips(trainer, [trainer.schedule.settle()], patience, progress.step)
     progress_bar.close()
     seconds = time.time() - started
     progress.elapsed_seconds += seconds
@@ -697,6 +695,23 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     sums = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
             "seconds": seconds_before + seconds, "skipped": skipped, "lr": lr}
     return sums, interrupted
+
+
+def fraction_of_peak(trainer, tokens_per_sec):
+    """Achieved matmul FLOP/s over the measured peak (model FLOPs utilisation), or None where unmeasured."""
+    return tokens_per_sec * trainer.flops_per_token / trainer.peak_flops if trainer.peak_flops else None
+
+
+def count_skips(trainer, verdicts, patience, step):
+    """How many of these update verdicts (None: none settled) were skips; stop after `patience` in a row."""
+    skips = 0
+    for stepped in filter(lambda verdict: verdict is not None, verdicts):
+        skips += not stepped
+        trainer.bad_steps = 0 if stepped else trainer.bad_steps + 1
+    if trainer.bad_steps >= patience:
+        raise SystemExit(f"error: the loss or its gradients were not finite for {trainer.bad_steps} consecutive "
+                         f"steps (last at step {step}); lower --lr (now {trainer.cfg.lr}) or check the data")
+    return skips
 
 
 def stop_requested(stop_signal, world_size, device):
@@ -728,7 +743,7 @@ def end_epoch(trainer, progress, sums, log):
     tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
     line = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens), **metrics,
             "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
-            "fraction_of_peak": tokens_per_sec * trainer.flops_per_token / trainer.peak_flops,
+            "fraction_of_peak": fraction_of_peak(trainer, tokens_per_sec),
             "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,
             "elapsed_seconds": progress.elapsed_seconds, "skipped_steps": sums["skipped"]}
     progress.history.append(line)
@@ -738,7 +753,7 @@ def end_epoch(trainer, progress, sums, log):
     return line
 
 
-def save_atomic_everywhere(trainer, progress, sums, path, is_main):
+def save_checkpoint(trainer, progress, sums, path, is_main):
     """Gather every rank's RNG state and sums (a collective), then rank 0 writes the checkpoint."""
     state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
              "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),

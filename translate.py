@@ -5,6 +5,7 @@
     python translate.py --checkpoint best.pt --eval pairs.jsonl     # prints {"n", "bleu", "chrf", ...}
 
 One translation per input (argument or stdin line), in input order; an empty line gives an empty line.
+A line longer than the model takes (max_positions) is cut, and stderr says which.
 """
 import argparse
 import json
@@ -15,7 +16,7 @@ import torch
 
 import dataset
 from model import Transformer, translate
-from train import MODEL_FIELDS, load_checkpoint
+from train import MODEL_FIELDS, amp_dtype, autocast, load_checkpoint
 
 
 def load_translator(path, device):
@@ -23,21 +24,51 @@ def load_translator(path, device):
     checkpoint = load_checkpoint(path, map_location=device)
     cfg = checkpoint["config"]
     src_tokenizer, tgt_tokenizer = (dataset.tokenizer_from_json(text) for text in checkpoint["tokenizers"])
+    # dropout does not act at inference: checkpoints from before attn_dropout existed load the same
     model = Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
-                        dataset.special_ids(tgt_tokenizer)["pad"], **{name: cfg[name] for name in MODEL_FIELDS})
-    model.load_state_dict(checkpoint["model"])
+                        dataset.special_ids(tgt_tokenizer)["pad"], **{name: cfg[name] for name in MODEL_FIELDS
+                                                                      if name in cfg})
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise SystemExit(f"error: {path}: its weights do not match the model its config describes; "
+                         "the checkpoint is damaged or was edited") from None
     return model.to(device).eval(), src_tokenizer, tgt_tokenizer, cfg
 
 
-def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam=1, alpha=0.6, max_len=0):
+def fit_to_model(sources, max_positions, line_numbers, warn):
+    """Cut sources the model cannot take (it needs room for EOS) and say on stderr which input lines were cut."""
+    for ids, number in zip(sources, line_numbers):
+        if len(ids) >= max_positions:
+            warn(f"warning: input line {number} has {len(ids)} tokens, more than the model takes "
+                 f"(max_positions {max_positions}); translated its first {max_positions - 1} tokens")
+            del ids[max_positions - 1:]
+    return sources
+
+
+def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam=1, alpha=0.6, max_len_a=1.2,
+                    max_len_b=10, max_len=0, max_tokens=6000, warn=print):
     ids = dataset.special_ids(tgt_tokenizer)
     todo = [i for i, text in enumerate(texts) if text.strip()]
-    sources = dataset.encode(src_tokenizer, [texts[i].strip() for i in todo])
-    outputs = translate(model, sources, ids["sos"], ids["eos"], beam, alpha, max_len=max_len)
+    sources = fit_to_model(dataset.encode(src_tokenizer, [texts[i].strip() for i in todo]), model.max_positions,
+                           [i + 1 for i in todo], warn)
+    outputs = translate(model, sources, ids["sos"], ids["eos"], beam, alpha, max_len_a, max_len_b, max_len,
+                        max_tokens)
     results = [""] * len(texts)
     for i, output in zip(todo, outputs):
         results[i] = dataset.decode(tgt_tokenizer, output, word_level)
     return results
+
+
+def read_stdin_lines():
+    """Lines of standard input; a UTF-8 byte-order mark and Windows line endings are accepted."""
+    texts = []
+    for number, line in enumerate(sys.stdin.buffer.read().splitlines(), 1):
+        try:
+            texts.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            raise SystemExit(f"error: standard input line {number} is not UTF-8; convert the text to UTF-8") from None
+    return texts
 
 
 def main(argv=None):
@@ -45,33 +76,50 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train.py")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     parser.add_argument("--length_penalty", type=float, default=0.6, help="GNMT length-penalty alpha for beam search")
-    parser.add_argument("--max_len", type=int, default=0, help="most tokens per translation (0 = source length + 50)")
+    parser.add_argument("--max_len", type=int, default=0,
+                        help="most tokens per translation (default 0: max_len_a * source tokens + max_len_b)")
+    parser.add_argument("--max_len_a", type=float, help="default: the checkpoint's (config.py: 1.2)")
+    parser.add_argument("--max_len_b", type=int, help="default: the checkpoint's (config.py: 10)")
+    parser.add_argument("--max_tokens", type=int, default=6000, help="source tokens (x beam) decoded per batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    parser.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "off"),
+                        help="autocast dtype; auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
     parser.add_argument("--eval", metavar="FILE", help="score translations of a .jsonl (opus_books rows) or .tsv "
                                                        "(source<TAB>reference) file with sacrebleu; prints JSON")
     parser.add_argument("texts", nargs="*", help="sentences to translate (default: one per line of stdin)")
     args = parser.parse_args(argv)
-    if args.beam < 1 or args.max_len < 0:
-        parser.error("--beam must be at least 1 and --max_len not negative")
+    if args.beam < 1 or args.max_len < 0 or args.max_tokens < 1:
+        parser.error("--beam and --max_tokens must be at least 1 and --max_len not negative")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
     model, src_tokenizer, tgt_tokenizer, cfg = load_translator(args.checkpoint, device)
     word_level = cfg["tokenizer"] == "word"
-    options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len)
+    options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len, max_tokens=args.max_tokens,
+                   max_len_a=cfg.get("max_len_a", 1.2) if args.max_len_a is None else args.max_len_a,
+                   max_len_b=cfg.get("max_len_b", 10) if args.max_len_b is None else args.max_len_b,
+                   warn=lambda message: print(message, file=sys.stderr))
+    precision = autocast(device, amp_dtype(args.amp, device))
 
     if args.eval:
         import sacrebleu
-        pairs, _ = dataset.read_pairs([args.eval], cfg["lang_src"], cfg["lang_tgt"])
+        pairs, _ = dataset.read_pairs([args.eval], cfg["lang_src"], cfg["lang_tgt"], strict=True)
         started = time.time()
-        hypotheses = translate_texts([s for s, _ in pairs], model, src_tokenizer, tgt_tokenizer, word_level, **options)
+        with precision:
+            hypotheses = translate_texts([s for s, _ in pairs], model, src_tokenizer, tgt_tokenizer, word_level,
+                                         **options)
         seconds = time.time() - started
         references = [[t for _, t in pairs]]
         print(json.dumps({"n": len(pairs), "bleu": sacrebleu.corpus_bleu(hypotheses, references).score,
                           "chrf": sacrebleu.corpus_chrf(hypotheses, references).score,
-                          "sentences_per_sec": len(pairs) / seconds, "beam": args.beam}))
+                          "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,
+                          "amp": str(amp_dtype(args.amp, device) or "off").removeprefix("torch.")}))
         return
-    texts = args.texts or sys.stdin.read().splitlines()
-    for line in translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, **options):
+    texts = args.texts or read_stdin_lines()
+    with precision:
+        translations = translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, **options)
+    for line in translations:
         print(line)
 
 

@@ -29,3 +29,13 @@ def test_bench_prints_one_json_object_with_every_variant():
 def test_bench_refuses_to_download():
     result = run_script("bench.py", "--seconds", "1")
     assert result.returncode != 0 and "needs --data_files" in result.stderr
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line_and_in_its_json(tmp_path):
+    if torch.cuda.is_available():
+        return  # on a GPU machine this command is the GPU check itself, minutes long
+    out = tmp_path / "summary.json"
+    result = run_script("gpu_check.py", "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "no CUDA GPU is visible" in result.stderr
+    assert json.loads(out.read_text())["cuda"] is False

@@ -236,3 +236,118 @@ def test_bpe_with_tied_embeddings_trains_and_translates(tmp_path):
     assert model.src_embed.weight is model.output.weight
     [translation] = translate_texts(["I am tired."], model, src_tokenizer, tgt_tokenizer, word_level=False, max_len=5)
     assert isinstance(translation, str)
+
+
+def test_resume_may_change_precision_and_optimizer_kernels(tmp_path, monkeypatch):
+    """A checkpoint from a run without fp16 (empty GradScaler state) and with the unfused optimizer, resumed under
+    fp16 with a GradScaler and fused AdamW, as a CPU checkpoint resumed on CUDA would be."""
+    crash_at(monkeypatch, 8, "kill")  # in epoch 2: last.pt holds epoch 1
+    with pytest.raises(Crash):
+        train.main(tiny_args(tmp_path, "--epochs", "2", "--amp", "off"))
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    for group in checkpoint["optimizer"]["param_groups"]:
+        group.update(fused=False, foreach=True)
+    assert checkpoint["scaler"] == {}
+    torch.save(checkpoint, tmp_path / "unfused.pt")
+    train.main(tiny_args(tmp_path / "fp16", "--epochs", "2", "--amp", "fp16", "--resume", str(tmp_path / "unfused.pt")))
+    resumed = torch.load(tmp_path / "fp16" / "last.pt", weights_only=True)
+    assert resumed["step"] == resumed["total_steps"] > checkpoint["step"] and resumed["scaler"]["scale"] > 0
+    assert all(group["fused"] for group in resumed["optimizer"]["param_groups"])
+    assert resumed["ranks"][0]["partial"]["skipped"] == 0 and read_metrics(tmp_path / "fp16")[-1]["skipped_steps"] < 7
+
+
+def test_fp16_stops_on_a_lasting_overflow(tmp_path, monkeypatch):
+    real_loss = train.compute_loss
+    monkeypatch.setattr(train, "compute_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("inf"))
+    with pytest.raises(SystemExit, match=r"not finite for 27 consecutive steps \(last at step 28\)"):
+        train.main(tiny_args(tmp_path, "--epochs", "6", "--amp", "fp16"))  # 3 + 24 halvings of the loss scale
+
+
+def sgd_step(model, batches, precision=(torch.device("cpu"), None)):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    schedule = train.Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    train.train_step(model, batches, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), precision,
+                     Config(dropout=0.0), PAD)
+    return model.state_dict()
+
+
+def test_gradient_accumulation_equals_one_batch_as_large():
+    examples = [(s[s != PAD], t[t != PAD], t[t != PAD]) for s, t in zip(random_batch([5, 3, 7, 2, 9, 4], seed=5),
+                                                                        random_batch([4, 6, 3, 8, 2, 5], seed=6))]
+    big = dataset.collate(examples, PAD)
+    parts = [dataset.collate(examples[:2], PAD), dataset.collate(examples[2:5], PAD, pack_length=10),
+             dataset.collate(examples[5:], PAD)]
+    accumulated, single = sgd_step(make_model().train(), parts), sgd_step(make_model().train(), [big])
+    moved = max(float((value - make_model().state_dict()[name]).abs().max()) for name, value in single.items())
+    assert moved > 1e-2
+    for name, value in single.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fused_adamw_step_equals_the_unfused_update():
+    cfg = Config()
+    optimizer = train.make_optimizer(cfg, make_model(), torch.device("cpu"), 10)[0]
+    assert optimizer.param_groups[0]["fused"]
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(p.shape, generator=generator) for p in make_model().parameters()]
+    states = []
+    for fused in (True, False):
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        for _ in range(3):
+            for parameter, gradient in zip(model.parameters(), gradients):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        states.append(model.state_dict())
+    moved = max(float((value - make_model().state_dict()[name]).abs().max()) for name, value in states[0].items())
+    assert moved > 1e-3
+    for name, value in states[0].items():
+        torch.testing.assert_close(value, states[1][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+def test_readme_reference_command_builds_the_reference_recipe():
+    """Three-phase linear OneCycle (peak 1e-3, 10% warm-up, div factors 10), random batches of 32, dropout 0.1
+    everywhere, fp32: the recipe the project descends from, run by the one command the README gives."""
+    readme = open(os.path.join(os.path.dirname(train.__file__), "README.md")).read()
+    section = readme[readme.index("## Reproduce the reference recipe"):]
+    command = next(line for line in section.splitlines() if line.startswith("python train.py"))
+    cfg = Config.from_args(command.split()[2:])
+    assert (cfg.batching, cfg.batch_size, cfg.max_tokens, cfg.accum_steps) == ("random", 32, 0, 1)
+    assert (cfg.dropout, cfg.attn_dropout, cfg.amp, cfg.epochs, cfg.max_minutes) == (0.1, 0.1, "off", 17, 0)
+    total = 1000
+    reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.AdamW(make_model().parameters()), max_lr=1e-3,
+                                                    total_steps=total, pct_start=0.1, anneal_strategy="linear",
+                                                    div_factor=10, final_div_factor=10, three_phase=True)
+    ours = train.make_optimizer(cfg, make_model(), torch.device("cpu"), total)[1]
+    for _ in range(total):
+        assert ours.get_last_lr() == reference.get_last_lr()
+        ours.step()
+        reference.step()
+
+
+def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))  # a tiny model's steps need no long timing
+    args = ("--epochs", "1000", "--max_minutes", "0.1")
+    train.main(tiny_args(tmp_path / "budget", *args))
+    checkpoint = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)
+    total, schedule = checkpoint["total_steps"], checkpoint["scheduler"]
+    assert checkpoint["calibrated"] and 20 < total < 7 * 1000 and checkpoint["step"] == total
+    # steps 1-12 ran at the initial rate while they were timed; OneCycle covers the rest, exactly
+    assert schedule["last_epoch"] == schedule["total_steps"] == total - 12
+    crash_at(monkeypatch, 20, "kill")  # calibrated at step 12, saved at the end of epoch 2
+    with pytest.raises(Crash):
+        train.main(tiny_args(tmp_path / "resumed", *args))
+    monkeypatch.undo()
+    sized = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert sized["calibrated"] and 12 < sized["step"] < 20
+    train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert resumed["step"] == resumed["total_steps"] == sized["total_steps"]
+
+
+def test_pad_multiple_auto_is_8_on_cuda_and_1_on_cpu():
+    assert train.pad_multiple(Config(), torch.device("cuda")) == 8
+    assert train.pad_multiple(Config(), torch.device("cpu")) == 1
+    assert train.pad_multiple(Config(pad_multiple=4), torch.device("cuda")) == 4
