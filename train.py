@@ -391,9 +391,9 @@ def check_resumable(checkpoint, cfg, path, world_size):
                              f"{value}; resume with the same value (the schedule, data and model must match) "
                              "or start a new --run_dir")
     if len(checkpoint["ranks"]) != world_size:
-        raise SystemExit(f"error: {path} was written by {len(checkpoint['ranks'])} processes but this run has "
-                         f"{world_size}; resume with the same number (torchrun --nproc_per_node) because each "
-                         "process's data shard and the schedule length depend on it")
+        raise SystemExit(f"error: {path} was written by a run of world size {len(checkpoint['ranks'])} but this "
+                         f"run has world size {world_size}; resume with the same number of processes (torchrun "
+                         "--nproc_per_node) because each process's data shard and the schedule length depend on it")
 
 
 def restore(checkpoint, rank, model, optimizer, scheduler, scaler):

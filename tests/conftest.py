@@ -50,3 +50,12 @@ def restore_signal_handlers():
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """best.pt of a tiny model trained for one epoch on the fixture, shared by the tests that translate."""
+    import train
+    run_dir = tmp_path_factory.mktemp("run")
+    train.main(tiny_args(run_dir, "--epochs", "1"))
+    return str(run_dir / "best.pt")

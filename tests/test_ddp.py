@@ -81,3 +81,14 @@ def test_torchrun_trains_on_two_cpu_processes(tmp_path):
     assert (tmp_path / "last.pt").exists() and (tmp_path / "best.pt").exists()
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
     assert "world size 2" in result.stdout and result.stdout.count("unique parameters") == 1
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
+    train.main(tiny_args(tmp_path / "one", "--epochs", "1"))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port", str(free_port()), os.path.join(ROOT, "train.py"),
+                             *tiny_args(tmp_path / "two", "--epochs", "1", "--resume",
+                                        str(tmp_path / "one" / "last.pt"))],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "written by a run of world size 1 but this run has world size 2" in result.stderr

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train
-from conftest import EOS, PAD, SOS, make_model, random_batch, run_script, tiny_args
+from conftest import EOS, PAD, SOS, make_model, random_batch, run_script
 from model import beam_search, greedy_search, length_normalized, output_limits, translate
 
 
@@ -98,13 +98,6 @@ def test_translate_restores_input_order_across_batches():
     expected = greedy_search(model, SOURCES, SOS, EOS)
     assert translate(model, sources, SOS, EOS, max_tokens=12) == expected
     assert translate(model, sources, SOS, EOS, beam=1, max_tokens=12, use_cache=False) == expected
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    train.main(tiny_args(run_dir, "--epochs", "1"))
-    return str(run_dir / "best.pt")
 
 
 def test_translate_cli_keeps_order_and_empty_lines(checkpoint):

@@ -21,13 +21,6 @@ def assert_one_line_error(result, *fragments):
         assert fragment in lines[0]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("run")
-    train.main(tiny_args(run_dir, "--epochs", "1"))
-    return str(run_dir / "best.pt")
-
-
 def test_a_data_file_that_is_not_utf8_names_its_line(tmp_path):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"translation": {"en": "Hi.", "fr": "Salut."}}\n' * 3 + b"\xff\xfe bad bytes\n")
