@@ -8,9 +8,10 @@ Prints one JSON object on stdout; progress goes to stderr. `pad_fraction` is the
 batches a variant trained on in its time; `epoch_pad_fraction` that of a whole epoch of its batches.
 
 Variants: fixed (random batches, every sequence padded to the longest in the data), dynamic (random
-batches padded to their own longest: the reference's technique, the baseline of every ratio), bucketed
-(length-bucketed batches), packed (random batches packed into rows), bucketed_amp / packed_amp (the
-same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA), and default (exactly the config's
+batches padded to their own longest, fp32, the reference recipe's dropout 0.1 everywhere: the reference's
+technique and the baseline of every ratio, pinned so that it does not move when the defaults do),
+bucketed (length-bucketed batches), packed (random batches packed into rows), bucketed_amp / packed_amp
+(the same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA), and default (exactly the config's
 batching, precision and optimizer, flags included); on CUDA also packed_bf16 and packed_amp_compile.
 fixed and dynamic always take --batch_size sentences, as the reference did; the others take --max_tokens
 when it is set. Every variant reports fraction_of_peak: analytic training FLOPs per real token x real
@@ -119,7 +120,8 @@ def run_variant(name, cfg, data, init_state, device, seconds, peaks, fixed_lengt
               "epoch_pad_fraction": epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length),
               "fraction_of_peak": real / elapsed * flops_per_token / peaks[precision_name],
               "steps": steps - warmup, "seconds": elapsed, "precision": precision_name, "batching": cfg.batching,
-              "compile": cfg.compile, "attention_kernels": kernels}
+              "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "compile": cfg.compile,
+              "attention_kernels": kernels}
     log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, {result['fraction_of_peak']:.1%} of the "
         f"{precision_name} peak, pad fraction {result['pad_fraction']:.3f} (whole epoch "
         f"{result['epoch_pad_fraction']:.3f}), attention {', '.join(kernels)}")
@@ -164,8 +166,8 @@ def main(argv=None):
     lengths = data.train.lengths()
     longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
     amp = "fp16" if device.type == "cuda" else "bf16"
-    unpacked = dict(batching="random", max_tokens=0)
-    variants = {"fixed": dict(amp="off", **unpacked), "dynamic": dict(amp="off", **unpacked),
+    reference = dict(batching="random", max_tokens=0, amp="off", dropout=0.1, attn_dropout=0.1)
+    variants = {"fixed": reference, "dynamic": reference,
                 "bucketed": dict(amp="off", batching="bucketed"), "bucketed_amp": dict(amp=amp, batching="bucketed"),
                 "packed": dict(amp="off", batching="packed"), "packed_amp": dict(amp=amp, batching="packed"),
                 "default": {}}

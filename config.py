@@ -47,10 +47,10 @@ class Config:
     accum_steps: int = 1  # batches per optimizer step (gradient accumulation; 1 = none)
     max_tokens: int = 0  # source + target tokens per batch, padding included unless packed (0 = use batch_size)
     batching: str = "packed"  # packed (random batches packed into rows), bucketed (similar lengths) or random
-    pack_length: int = 128  # packed: tokens a side per row (longer rows: less padding, more attention work)
+    pack_length: int = 64  # packed: tokens a side per row, or its longest sentence (wider: less pad, more attention)
     bucket_pool: int = 1000  # bucketed: batches' worth of shuffled examples sorted together (smaller = more random)
-    pad_multiple: int = 0  # pad batch lengths up to a multiple of this (0 = auto: 8 on CUDA, 1 on CPU)
-    lr: float = 1e-3  # OneCycle peak learning rate
+    pad_multiple: int = 0  # pad batch widths to a multiple of this (0 = auto: 8 on CUDA or packed, else 1)
+    lr: float = 5e-4  # OneCycle peak learning rate
     weight_decay: float = 0.01  # AdamW weight decay
     pct_start: float = 0.1  # share of steps spent warming up to the peak lr
     three_phase: bool = False  # OneCycle: also anneal back to the initial lr before the final decay (reference)

@@ -85,9 +85,11 @@ def autocast(device, dtype):
 
 
 def pad_multiple(cfg, device):
-    """--pad_multiple 0 means 8 on CUDA: batch widths then take few distinct values, so kernels that are
-    planned per shape (cuDNN attention graphs, torch.compile) are planned a few times, not per batch."""
-    return cfg.pad_multiple or (8 if device.type == "cuda" else 1)
+    """--pad_multiple 0: 8 on CUDA and for packed rows, so that batch widths take a few dozen values and
+    kernels planned per shape (oneDNN's matrix products on a CPU, cuDNN's attention graphs, torch.compile)
+    are planned a few dozen times, not for every other batch; 1 for unpacked batches on a CPU, whose short
+    sentences rounding would pad by up to half."""
+    return cfg.pad_multiple or (8 if device.type == "cuda" or cfg.batching == "packed" else 1)
 
 
 def prepare_data(cfg, tokenizers=None, log=print):
@@ -503,9 +505,17 @@ def run(cfg, rank, world_size, device):
     stop_signal = catch_stop_signals()
     best_val = min((line["val_loss"] for line in progress.history), default=float("inf"))
     while progress.epoch < cfg.epochs and progress.step < progress.total_steps:
-        if stop_requested(stop_signal, world_size, device):  # a signal that came during the last evaluation
+        # a signal that came during the last evaluation, or a budget spent by the epoch's last steps
+        stop, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)], world_size,
+                                     device)
+        if stop:
             log(f"stopped after epoch {progress.epoch}; {paths['last.pt']} holds it; continue with --resume auto")
             raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
+        if out_of_time:
+            log(f"time budget spent at step {progress.step:,} of the {progress.total_steps:,} planned")
+            progress.total_steps = progress.step
+            save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
+            break
         sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
         if interrupted:
             save_checkpoint(trainer, progress, sums, paths["last.pt"], is_main)
@@ -682,11 +692,17 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
             writer.add_scalar("train/loss", loss, progress.step)
             writer.add_scalar("train/lr", lr, progress.step)
             writer.add_scalar("train/tokens_per_sec", rate, progress.step)
-        # one process checks its flag every step for free; ranks agree on it by an all-reduce, so only now and then
-        check_stop = trainer.world_size == 1 or progress.step % cfg.log_every == 0
-        if check_stop and stop_requested(stop_signal, trainer.world_size, device):
-            interrupted = True
-            break
+        # one process checks every step for free; ranks agree by an all-reduce, so only now and then
+        if trainer.world_size == 1 or progress.step % cfg.log_every == 0:
+            out_of_time = budget_spent(cfg, progress.train_seconds + time.time() - started)
+            interrupted, out_of_time = any_rank([bool(stop_signal), out_of_time], trainer.world_size, device)
+            if out_of_time:  # steps ran slower than timed: the schedule's last, lowest-rate steps are dropped
+                if is_main:
+                    progress_bar.write(f"time budget spent at step {progress.step:,} of the "
+                                       f"{progress.total_steps:,} planned")
+                progress.total_steps = progress.step
+            if interrupted:
+                break
     skipped += count_skips(trainer, [trainer.schedule.settle()], patience, progress.step)
     progress_bar.close()
     seconds = time.time() - started
@@ -695,6 +711,10 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     sums = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
             "seconds": seconds_before + seconds, "skipped": skipped, "lr": lr}
     return sums, interrupted
+
+
+def budget_spent(cfg, train_seconds):
+    return bool(cfg.max_minutes) and train_seconds >= cfg.max_minutes * 60
 
 
 def fraction_of_peak(trainer, tokens_per_sec):
@@ -714,14 +734,13 @@ def count_skips(trainer, verdicts, patience, step):
     return skips
 
 
-def stop_requested(stop_signal, world_size, device):
-    """Every rank must leave the loop at the same step: the flag is all-reduced (every --log_every steps)."""
-    stop_now = bool(stop_signal)
-    if world_size > 1:
-        flag = torch.tensor(float(stop_now), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_now = bool(flag)
-    return stop_now
+def any_rank(flags, world_size, device):
+    """Each flag, true if it is true on any rank: every rank must leave the loop at the same step."""
+    if world_size == 1:
+        return [bool(flag) for flag in flags]
+    tensor = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.bool().tolist()
 
 
 def end_epoch(trainer, progress, sums, log):

@@ -3,6 +3,7 @@ import json
 import torch
 
 import train
+from config import Config
 
 from conftest import TINY, FIXTURE, run_script
 
@@ -20,6 +21,11 @@ def test_bench_prints_one_json_object_with_every_variant():
     auto = {None: "fp32", torch.bfloat16: "bf16"}[train.amp_dtype("auto", torch.device("cpu"))]
     assert (report["variants"]["default"]["batching"], report["variants"]["default"]["precision"]) == ("packed", auto)
     assert report["ratios_vs_dynamic"]["dynamic"] == 1.0
+    # the baseline is the reference's technique whatever the defaults are: fp32, dropout 0.1 everywhere
+    dynamic = report["variants"]["dynamic"]
+    assert (dynamic["batching"], dynamic["precision"], dynamic["dropout"], dynamic["attn_dropout"]) == \
+        ("random", "fp32", 0.1, 0.1)
+    assert report["variants"]["default"]["dropout"] == Config().dropout
     pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
     assert pads["fixed"] > pads["dynamic"] > max(pads["bucketed"], pads["packed"])
     assert {"greedy_no_cache_sentences_per_sec", "greedy_cache_sentences_per_sec", "beam4_sentences_per_sec"} <= \

@@ -9,7 +9,7 @@ def test_defaults_keep_the_reference_architecture_with_the_measured_recipe():
     cfg = Config.from_args([])
     assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == (512, 8, 128, 6, 3, "cycle_rev")
     assert (cfg.dataset, cfg.lang_src, cfg.lang_tgt, cfg.tokenizer, cfg.amp) == ("opus_books", "en", "fr", "word", "auto")
-    assert (cfg.lr, cfg.pct_start, cfg.three_phase, cfg.anneal_strategy) == (1e-3, 0.1, False, "cos")
+    assert (cfg.lr, cfg.pct_start, cfg.three_phase, cfg.anneal_strategy) == (5e-4, 0.1, False, "cos")
     assert (cfg.label_smoothing, cfg.dropout, cfg.attn_dropout, cfg.batch_size) == (0.1, 0.0, 0.0, 32)
     assert (cfg.batching, cfg.max_tokens, cfg.accum_steps) == ("packed", 0, 1)  # random batches of 32, packed
 

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_onecycle_ends_exactly_at_its_total(tmp_path):
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
     lines = read_metrics(tmp_path)
     assert checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == lines[-1]["step"]
-    assert lines[-1]["lr"] == pytest.approx(1e-3 / 10 / 10)
+    assert lines[-1]["lr"] == pytest.approx(Config().lr / 10 / 10)
     train.main(tiny_args(tmp_path / "short", "--epochs", "2", "--max_steps", "7"))
     checkpoint = torch.load(tmp_path / "short" / "last.pt", weights_only=False)
     assert checkpoint["step"] == checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == 7
@@ -334,8 +335,9 @@ def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatc
     checkpoint = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)
     total, schedule = checkpoint["total_steps"], checkpoint["scheduler"]
     assert checkpoint["calibrated"] and 20 < total < 7 * 1000 and checkpoint["step"] == total
-    # steps 1-12 ran at the initial rate while they were timed; OneCycle covers the rest, exactly
-    assert schedule["last_epoch"] == schedule["total_steps"] == total - 12
+    # steps 1-12 ran at the initial rate while they were timed; OneCycle covers the rest (of which a busy
+    # machine may have left the last few undone: the budget is a hard stop)
+    assert schedule["last_epoch"] == total - 12 <= schedule["total_steps"]
     crash_at(monkeypatch, 20, "kill")  # calibrated at step 12, saved at the end of epoch 2
     with pytest.raises(Crash):
         train.main(tiny_args(tmp_path / "resumed", *args))
@@ -344,10 +346,47 @@ def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatc
     assert sized["calibrated"] and 12 < sized["step"] < 20
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert resumed["step"] == resumed["total_steps"] == sized["total_steps"]
+    assert resumed["step"] == resumed["total_steps"] <= sized["total_steps"]
+    assert resumed["scheduler"]["total_steps"] == sized["scheduler"]["total_steps"]
 
 
-def test_pad_multiple_auto_is_8_on_cuda_and_1_on_cpu():
-    assert train.pad_multiple(Config(), torch.device("cuda")) == 8
-    assert train.pad_multiple(Config(), torch.device("cpu")) == 1
-    assert train.pad_multiple(Config(pad_multiple=4), torch.device("cuda")) == 4
+def test_max_minutes_stops_on_time_when_steps_slow_down(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    real_step, calls = train.train_step, []
+
+    def slower_after_timing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 12:
+            time.sleep(0.05)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", slower_after_timing)
+    budget = 0.05 * 60
+    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget / 60)))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["step"] == checkpoint["total_steps"] < 12 + checkpoint["scheduler"]["total_steps"]
+    assert budget <= checkpoint["train_seconds"] < budget + 2
+    assert read_metrics(tmp_path)[-1]["step"] == checkpoint["step"]  # the last epoch was evaluated and saved
+    assert "time budget spent at step" in capsys.readouterr().out
+
+
+def test_max_minutes_spent_by_the_end_of_an_epoch_starts_no_other(tmp_path, monkeypatch, capsys):
+    real_epoch = train.train_epoch
+
+    def epoch_that_spends_the_budget(trainer, progress, *args):
+        result = real_epoch(trainer, progress, *args)
+        progress.train_seconds = 60.0
+        return result
+
+    monkeypatch.setattr(train, "train_epoch", epoch_that_spends_the_budget)
+    train.main(tiny_args(tmp_path, "--epochs", "3", "--max_minutes", "1"))
+    checkpoint, lines = torch.load(tmp_path / "last.pt", weights_only=True), read_metrics(tmp_path)
+    assert len(lines) == 1 and checkpoint["step"] == checkpoint["total_steps"] == lines[0]["step"]
+    assert "time budget spent at step" in capsys.readouterr().out
+
+
+def test_pad_multiple_auto_is_8_on_cuda_and_for_packed_rows_else_1():
+    assert train.pad_multiple(Config(), torch.device("cpu")) == 8  # packed is the default batching
+    assert train.pad_multiple(Config(batching="bucketed"), torch.device("cuda")) == 8
+    assert train.pad_multiple(Config(batching="bucketed"), torch.device("cpu")) == 1
+    assert train.pad_multiple(Config(batching="random", pad_multiple=4), torch.device("cpu")) == 4
