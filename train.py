@@ -512,8 +512,7 @@ def run(cfg, rank, world_size, device):
             log(f"stopped after epoch {progress.epoch}; {paths['last.pt']} holds it; continue with --resume auto")
             raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
         if out_of_time:
-            log(f"time budget spent at step {progress.step:,} of the {progress.total_steps:,} planned")
-            progress.total_steps = progress.step
+            end_schedule_here(progress, log)
             save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
             break
         sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
@@ -696,11 +695,8 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
         if trainer.world_size == 1 or progress.step % cfg.log_every == 0:
             out_of_time = budget_spent(cfg, progress.train_seconds + time.time() - started)
             interrupted, out_of_time = any_rank([bool(stop_signal), out_of_time], trainer.world_size, device)
-            if out_of_time:  # steps ran slower than timed: the schedule's last, lowest-rate steps are dropped
-                if is_main:
-                    progress_bar.write(f"time budget spent at step {progress.step:,} of the "
-                                       f"{progress.total_steps:,} planned")
-                progress.total_steps = progress.step
+            if out_of_time:
+                end_schedule_here(progress, progress_bar.write if is_main else lambda message: None)
             if interrupted:
                 break
     skipped += count_skips(trainer, [trainer.schedule.settle()], patience, progress.step)
@@ -715,6 +711,12 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
 
 def budget_spent(cfg, train_seconds):
     return bool(cfg.max_minutes) and train_seconds >= cfg.max_minutes * 60
+
+
+def end_schedule_here(progress, log):
+    """--max_minutes is spent (steps ran slower than timed): the schedule's last, lowest-rate steps are dropped."""
+    log(f"time budget spent at step {progress.step:,} of the {progress.total_steps:,} planned")
+    progress.total_steps = progress.step
 
 
 def fraction_of_peak(trainer, tokens_per_sec):

@@ -100,7 +100,8 @@ def main(argv=None):
                    max_len_a=cfg.get("max_len_a", 1.2) if args.max_len_a is None else args.max_len_a,
                    max_len_b=cfg.get("max_len_b", 10) if args.max_len_b is None else args.max_len_b,
                    warn=lambda message: print(message, file=sys.stderr))
-    precision = autocast(device, amp_dtype(args.amp, device))
+    dtype = amp_dtype(args.amp, device)
+    precision = autocast(device, dtype)
 
     if args.eval:
         import sacrebleu
@@ -114,7 +115,7 @@ def main(argv=None):
         print(json.dumps({"n": len(pairs), "bleu": sacrebleu.corpus_bleu(hypotheses, references).score,
                           "chrf": sacrebleu.corpus_chrf(hypotheses, references).score,
                           "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,
-                          "amp": str(amp_dtype(args.amp, device) or "off").removeprefix("torch.")}))
+                          "amp": str(dtype or "off").removeprefix("torch.")}))
         return
     texts = args.texts or read_stdin_lines()
     with precision:
