@@ -19,7 +19,6 @@ tokens/s / the peak matmul FLOP/s this script measures in that precision, and th
 SDPA chose. Decoding runs under the config's --amp (auto: bf16 where the CPU has bf16 matrix units).
 """
 import argparse
-import copy
 import dataclasses
 import itertools
 import json
@@ -30,10 +29,13 @@ import time
 import torch
 
 import dataset
+import runtime
 import train
 from config import Config
 from model import translate
 from translate import load_translator
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def log(message):
@@ -69,7 +71,8 @@ def endless(sampler):
 def attention_kernels(model, batch, precision, cfg, pad_id):
     """Names of the attention kernels SDPA picks for this batch (flash, memory-efficient, cuDNN or math)."""
     from torch.profiler import profile
-    with profile() as profiler, train.autocast(*precision):
+    batch = {k: v.to(precision[0]) for k, v in batch.items()}
+    with profile() as profiler, runtime.autocast(*precision):
         logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
         train.compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing).backward()
     model.zero_grad(set_to_none=True)
@@ -77,55 +80,51 @@ def attention_kernels(model, batch, precision, cfg, pad_id):
                    if event.key.startswith("aten::_") and ("attention" in event.key or "flash" in event.key)})
 
 
-def run_variant(name, cfg, data, init_state, device, seconds, peaks, fixed_lengths=None):
-    """Train for `seconds` and count real and padded tokens. Returns the result dict and the trained model."""
-    model = train.build_model(cfg, data).to(device)
-    model.load_state_dict(init_state)
-    step_model = torch.compile(model) if cfg.compile else model
-    optimizer, scheduler = train.make_optimizer(cfg, model, device, 1_000_000)
-    schedule = train.Schedule(scheduler)
-    dtype = train.amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    pad_id, pad_multiple = data.ids["pad"], train.pad_multiple(cfg, device)
-    sampler = train.make_sampler(cfg, data.train.lengths())
+def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
+    """Train for `seconds` through train.py's own loop and count real and padded tokens. Returns the result dict
+    and the trained model. Every variant starts from the same weights: build_trainer seeds them with --seed."""
+    precision = (device, runtime.amp_dtype(cfg.amp, device))
+    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, precision, log=lambda message: None)
+    # the run's own schedule would end after --epochs; the benchmark may take more steps than that
+    trainer.schedule = train.Schedule(train.make_scheduler(cfg, trainer.optimizer, 1_000_000))
+    pad_id, pad_multiple = data.ids["pad"], runtime.pad_multiple(cfg, device)
+    sampler = trainer.sampler
     pack_length = cfg.pack_length if cfg.batching == "packed" else 0
     collate = dataset.make_collate(pad_id, pad_multiple, fixed_lengths, pack_length)
+    batches = (collate([data.train[i] for i in indices]) for indices in endless(sampler))
     # torch.compile compiles again for the second shape it sees (then marks sizes dynamic): warm up past that
     warmup, steps, real, padded, started, kernels = 30 if cfg.compile else 3, 0, 0, 0, None, []
-    for indices in endless(sampler):
-        batch = collate([data.train[i] for i in indices])
+    for group, *_ in train.training_steps(trainer, batches):
+        batch = group[0]
+        if steps == 0:
+            kernels = attention_kernels(trainer.model, batch, precision, cfg, pad_id)
+        steps += 1
         if steps == warmup:
-            train.synchronize(device)
+            runtime.synchronize(device)
             started = time.perf_counter()
-        if started is not None:
+        elif started is not None:
             real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
             padded += batch["src"].numel() + batch["labels"].numel()
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if steps == 0:
-            kernels = attention_kernels(model, batch, (device, dtype), cfg, pad_id)
-        train.train_step(step_model, [batch], optimizer, schedule, scaler, (device, dtype), cfg, pad_id)
-        steps += 1
-        if started is not None and steps % 5 == 0:
-            train.synchronize(device)
-            if time.perf_counter() - started >= seconds:
-                break
+            if steps % 5 == 0:
+                runtime.synchronize(device)
+                if time.perf_counter() - started >= seconds:
+                    break
     elapsed = time.perf_counter() - started
     sampler.set_epoch(0)
-    flops_per_token = train.training_flops_per_token(cfg, data)
-    precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    precision_name = PRECISION_NAMES[precision[1]]
     if precision_name not in peaks:
-        peaks[precision_name] = train.peak_flops(device, dtype)
+        peaks[precision_name] = runtime.peak_flops(*precision)
         log(f"peak matmul throughput, {precision_name}: {peaks[precision_name] / 1e9:,.0f} GFLOP/s")
     result = {"real_tokens_per_sec": real / elapsed, "pad_fraction": 1 - real / padded,
               "epoch_pad_fraction": epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length),
-              "fraction_of_peak": real / elapsed * flops_per_token / peaks[precision_name],
+              "fraction_of_peak": real / elapsed * trainer.flops_per_token / peaks[precision_name],
               "steps": steps - warmup, "seconds": elapsed, "precision": precision_name, "batching": cfg.batching,
               "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "compile": cfg.compile,
               "attention_kernels": kernels}
     log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, {result['fraction_of_peak']:.1%} of the "
         f"{precision_name} peak, pad fraction {result['pad_fraction']:.3f} (whole epoch "
         f"{result['epoch_pad_fraction']:.3f}), attention {', '.join(kernels)}")
-    return result, model, flops_per_token
+    return result, trainer.model, trainer.flops_per_token
 
 
 def decoding_speeds(model, sources, ids, cfg, beam, precision):
@@ -134,17 +133,17 @@ def decoding_speeds(model, sources, ids, cfg, beam, precision):
     for name, options in [("greedy_no_cache", dict(use_cache=False)), ("greedy_cache", dict()),
                           (f"beam{beam}", dict(beam=beam, alpha=cfg.length_penalty))]:
         started = time.perf_counter()
-        with train.autocast(*precision):
+        with runtime.autocast(*precision):
             outputs = translate(model, sources, ids["sos"], ids["eos"], max_len_a=cfg.max_len_a,
                                 max_len_b=cfg.max_len_b, **options)
-        train.synchronize(precision[0])
+        runtime.synchronize(precision[0])
         seconds = time.perf_counter() - started
         results[f"{name}_sentences_per_sec"] = len(sources) / seconds
         results[f"{name}_tokens_per_sec"] = sum(len(output) + 1 for output in outputs) / seconds
         log(f"decoding {name}: {results[f'{name}_sentences_per_sec']:.1f} sentences/s")
     results["cache_speedup"] = results["greedy_cache_sentences_per_sec"] / results["greedy_no_cache_sentences_per_sec"]
     results["sentences"] = len(sources)
-    results["precision"] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[precision[1]]
+    results["precision"] = PRECISION_NAMES[precision[1]]
     return results
 
 
@@ -159,10 +158,8 @@ def main(argv=None):
     cfg = Config.from_args(rest, prog="bench.py")
     if not cfg.data_files:
         raise SystemExit("error: bench.py needs --data_files (local pairs; the benchmark never downloads)")
-    _, _, device = train.setup_distributed(cfg)
-    torch.manual_seed(cfg.seed)
-    data = train.prepare_data(cfg, log=log)
-    init_state = copy.deepcopy(train.build_model(cfg, data).state_dict())
+    _, _, device = runtime.setup_distributed(cfg)
+    data = dataset.prepare_data(cfg, log=log)
     lengths = data.train.lengths()
     longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
     amp = "fp16" if device.type == "cuda" else "bf16"
@@ -177,8 +174,7 @@ def main(argv=None):
     results, peaks, model = {}, {}, None
     for name, overrides in variants.items():
         variant_cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
-        results[name], model, flops_per_token = run_variant(name, variant_cfg, data, init_state, device,
-                                                            args.seconds, peaks,
+        results[name], model, flops_per_token = run_variant(name, variant_cfg, data, device, args.seconds, peaks,
                                                             longest if name == "fixed" else None)
     baseline = results["dynamic"]["real_tokens_per_sec"]
     report = {
@@ -199,7 +195,7 @@ def main(argv=None):
         ids = dataset.special_ids(tgt_tokenizer)
         report["decoding_checkpoint"] = args.decode_checkpoint
     report["decoding"] = decoding_speeds(model.eval(), sources, ids, cfg, args.decode_beam,
-                                         (device, train.amp_dtype(cfg.amp, device)))
+                                         (device, runtime.amp_dtype(cfg.amp, device)))
     print(json.dumps(report, indent=2))
 
 

@@ -13,6 +13,9 @@ AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cuda", "cpu")
 BATCHINGS = ("packed", "bucketed", "random")
 ANNEAL_STRATEGIES = ("cos", "linear")
+# The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
+MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "share", "tie_embeddings", "dropout",
+                "attn_dropout", "max_positions")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 Knows nothing about the model. User mistakes (missing files, malformed lines, no usable pairs)
 raise SystemExit with one line that names the file and line, so scripts never print a traceback.
 """
+import dataclasses
 import json
 import math
 import os
@@ -360,3 +361,61 @@ class BatchSampler:
 
     def __len__(self):
         return len(self.batches()) - self.start_batch
+
+
+# ---------------------------------------------------------------- putting it together
+
+def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
+    """Training batches as cfg.batching says; evaluation (shuffle=False) always uses plain length-sorted batches."""
+    return BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.batching if shuffle else "bucketed",
+                                shuffle, cfg.seed, rank, world_size, cfg.bucket_pool)
+
+
+def make_loader(data_set, sampler, cfg, pad_id, pad_multiple, pin_memory):
+    pack_length = cfg.pack_length if sampler.batching == "packed" else 0
+    collate = make_collate(pad_id, pad_multiple, None, pack_length)
+    # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
+    # otherwise a resumed run would see different dropout masks than an uninterrupted one.
+    return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                       collate_fn=collate, pin_memory=pin_memory,
+                                       generator=torch.Generator())
+
+
+@dataclasses.dataclass
+class Data:
+    src_tokenizer: Tokenizer
+    tgt_tokenizer: Tokenizer
+    ids: dict  # pad/unk/sos/eos ids, the same in both vocabularies
+    train: TranslationDataset
+    val: TranslationDataset
+    val_pairs: list  # raw (source, reference) strings of the validation split
+
+
+def prepare_data(cfg, tokenizers=None, log=print):
+    """Load, split, tokenize and filter. Pass `tokenizers` (from a checkpoint) to skip training them."""
+    pairs, dropped = load_pairs(cfg)
+    log(f"data: {len(pairs):,} pairs ({dropped:,} rows dropped: missing, empty or non-string side)")
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    src_tokenizer, tgt_tokenizer = tokenizers or train_tokenizers(train_pairs, cfg)
+    ids = special_ids(tgt_tokenizer)
+
+    def encode_pairs(pairs):
+        return encode(src_tokenizer, [s for s, _ in pairs]), encode(tgt_tokenizer, [t for _, t in pairs])
+
+    train_src, train_tgt = encode_pairs(train_pairs)
+    keep = length_filter(train_src, train_tgt, cfg.max_src_tokens, cfg.max_len_diff)
+    log(f"data: {len(keep):,} training pairs kept, {len(train_src) - len(keep):,} dropped by the length filters "
+        f"(source > {cfg.max_src_tokens} tokens or target > source + {cfg.max_len_diff})")
+    if not keep:
+        raise SystemExit("error: the length filters left no training pairs; raise --max_src_tokens or --max_len_diff")
+    val_src, val_tgt = encode_pairs(val_pairs)
+    fits = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if max(len(s), len(t)) < cfg.max_positions]
+    log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
+        f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={cfg.tokenizer}")
+
+    def subset(src_ids, tgt_ids, indices):
+        return TranslationDataset([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], ids["sos"],
+                                  ids["eos"])
+
+    return Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
+                [val_pairs[i] for i in fits])

@@ -166,6 +166,21 @@ class Transformer(nn.Module):
         total = sum(p.numel() for _, p in self.named_parameters(remove_duplicate=False))
         return total, sum(p.numel() for p in self.parameters())
 
+    def training_flops_per_token(self, lengths):
+        """Analytic matmul FLOPs of one training step per real (source + target) token, for examples of these
+        (source, target) lengths: forward and backward (2 + 4 FLOPs per multiply-add) through every layer use,
+        the output projection, and attention scores within each sentence (causal self-attention counted half).
+        Embedding lookups and the optimizer are left out, as in the usual model-FLOPs-utilisation count."""
+        d, n, vocab = self.d_model, len(self.encoder_layers), self.output.out_features
+        d_ff = self.encoder_layers[0].ff[0].out_features
+        multiply_adds, tokens = 0, 0
+        for s, t in lengths:
+            encoder = n * (s * (4 * d * d + 2 * d * d_ff) + 2 * s * s * d)
+            decoder = n * (t * (6 * d * d + 2 * d * d_ff) + s * 2 * d * d + t * t * d + 2 * t * s * d)
+            multiply_adds += encoder + decoder + t * d * vocab
+            tokens += s + t
+        return 6 * multiply_adds / tokens
+
     def _embed(self, embedding, ids, offset=0, segments=None):
         if segments is None:
             length = offset + ids.size(1)

@@ -15,8 +15,10 @@ import time
 import torch
 
 import dataset
+from checkpoint import load_checkpoint
+from config import MODEL_FIELDS
 from model import Transformer, translate
-from train import MODEL_FIELDS, amp_dtype, autocast, load_checkpoint
+from runtime import amp_dtype, autocast
 
 
 def load_translator(path, device):
@@ -58,6 +60,15 @@ def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam
     for i, output in zip(todo, outputs):
         results[i] = dataset.decode(tgt_tokenizer, output, word_level)
     return results
+
+
+def score(hypotheses, references):
+    """Corpus BLEU and chrF (sacrebleu), character and word error rates (torchmetrics) of detokenized text."""
+    import sacrebleu
+    from torchmetrics.functional.text import char_error_rate, word_error_rate
+    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
+            "cer": float(char_error_rate(hypotheses, references)), "wer": float(word_error_rate(hypotheses, references))}
 
 
 def read_stdin_lines():
@@ -104,16 +115,13 @@ def main(argv=None):
     precision = autocast(device, dtype)
 
     if args.eval:
-        import sacrebleu
         pairs, _ = dataset.read_pairs([args.eval], cfg["lang_src"], cfg["lang_tgt"], strict=True)
         started = time.time()
         with precision:
             hypotheses = translate_texts([s for s, _ in pairs], model, src_tokenizer, tgt_tokenizer, word_level,
                                          **options)
         seconds = time.time() - started
-        references = [[t for _, t in pairs]]
-        print(json.dumps({"n": len(pairs), "bleu": sacrebleu.corpus_bleu(hypotheses, references).score,
-                          "chrf": sacrebleu.corpus_chrf(hypotheses, references).score,
+        print(json.dumps({"n": len(pairs), **score(hypotheses, [t for _, t in pairs]),
                           "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,
                           "amp": str(dtype or "off").removeprefix("torch.")}))
         return

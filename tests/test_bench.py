@@ -2,6 +2,7 @@ import json
 
 import torch
 
+import runtime
 import train
 from config import Config
 
@@ -18,7 +19,7 @@ def test_bench_prints_one_json_object_with_every_variant():
         assert variant["real_tokens_per_sec"] > 0 and 0 <= variant["pad_fraction"] < 1
         assert 0 <= variant["epoch_pad_fraction"] < 1 and 0 < variant["fraction_of_peak"] < 1
         assert variant["attention_kernels"]  # which SDPA kernel ran is visible
-    auto = {None: "fp32", torch.bfloat16: "bf16"}[train.amp_dtype("auto", torch.device("cpu"))]
+    auto = {None: "fp32", torch.bfloat16: "bf16"}[runtime.amp_dtype("auto", torch.device("cpu"))]
     assert (report["variants"]["default"]["batching"], report["variants"]["default"]["precision"]) == ("packed", auto)
     assert report["ratios_vs_dynamic"]["dynamic"] == 1.0
     # the baseline is the reference's technique whatever the defaults are: fp32, dropout 0.1 everywhere

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dataset
+import runtime
 import train
 from config import Config
 from conftest import PAD, SOS, make_model, random_batch, run_script, tiny_args
@@ -64,7 +65,7 @@ def test_bf16_autocast_trains_on_cpu():
     cfg = Config(amp="bf16")
     model = make_model().train()
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
-    precision = (torch.device("cpu"), train.amp_dtype(cfg.amp, torch.device("cpu")))
+    precision = (torch.device("cpu"), runtime.amp_dtype(cfg.amp, torch.device("cpu")))
     assert precision[1] == torch.bfloat16
     before = model.output.weight.detach().clone()
     loss, tokens, verdicts, _ = train.train_step(model, [one_batch()], optimizer, train.Schedule(scheduler),
@@ -386,7 +387,7 @@ def test_max_minutes_spent_by_the_end_of_an_epoch_starts_no_other(tmp_path, monk
 
 
 def test_pad_multiple_auto_is_8_on_cuda_and_for_packed_rows_else_1():
-    assert train.pad_multiple(Config(), torch.device("cpu")) == 8  # packed is the default batching
-    assert train.pad_multiple(Config(batching="bucketed"), torch.device("cuda")) == 8
-    assert train.pad_multiple(Config(batching="bucketed"), torch.device("cpu")) == 1
-    assert train.pad_multiple(Config(batching="random", pad_multiple=4), torch.device("cpu")) == 4
+    assert runtime.pad_multiple(Config(), torch.device("cpu")) == 8  # packed is the default batching
+    assert runtime.pad_multiple(Config(batching="bucketed"), torch.device("cuda")) == 8
+    assert runtime.pad_multiple(Config(batching="bucketed"), torch.device("cpu")) == 1
+    assert runtime.pad_multiple(Config(batching="random", pad_multiple=4), torch.device("cpu")) == 4

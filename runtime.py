@@ -1,0 +1,99 @@
+"""Where and how the numbers run: device and process group, precision, autocast, peak FLOP/s, synchronisation.
+
+Knows nothing about the data or the training loop.
+"""
+import contextlib
+import datetime
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed(cfg):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE; plain `python train.py` stays single-process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    # Ranks wait in collectives while rank 0 trains tokenizers or evaluates: far longer than the 10-min default.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    return dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def cpu_has_bf16_matmul():
+    """AMX or AVX512-BF16: the CPU multiplies bf16 matrices natively, so bf16 autocast is faster than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def amp_dtype(amp, device):
+    """The autocast dtype for an --amp mode on this device, or None for full fp32."""
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_bf16_matmul() else "off")
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("error: --amp bf16 is not supported on this GPU; use --amp fp16")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def pad_multiple(cfg, device):
+    """--pad_multiple 0: 8 on CUDA and for packed rows, so that batch widths take a few dozen values and
+    kernels planned per shape (oneDNN's matrix products on a CPU, cuDNN's attention graphs, torch.compile)
+    are planned a few dozen times, not for every other batch; 1 for unpacked batches on a CPU, whose short
+    sentences rounding would pad by up to half."""
+    return cfg.pad_multiple or (8 if device.type == "cuda" or cfg.batching == "packed" else 1)
+
+
+def peak_flops(device, dtype, size=None):
+    """Measured FLOP/s of large matrix products in this dtype: the ceiling that fraction_of_peak divides by.
+    None for fp16 on a CPU, which has no fp16 matrix units worth measuring (and takes minutes to try)."""
+    if device.type == "cpu" and dtype == torch.float16:
+        return None
+    size = size or (8192 if device.type == "cuda" else 2048)
+    generator = torch.Generator(device).manual_seed(0)  # the global RNG drives dropout: leave it alone
+    a, b = (torch.rand(size, size, device=device, generator=generator).to(dtype or torch.float32) for _ in range(2))
+    best = float("inf")
+    for _ in range(10):  # the fastest of several: a busy machine only ever slows a product down
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def any_rank(flags, world_size, device):
+    """Each flag, true if it is true on any rank: every rank must leave the loop at the same step."""
+    if world_size == 1:
+        return [bool(flag) for flag in flags]
+    tensor = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.bool().tolist()
+
+
+def catch_stop_signals():
+    """Ctrl-C / SIGTERM finish the current step, save and exit; a second signal ends the process at once."""
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop_signal
