@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import signal
 from functools import partial
 
 import torch
@@ -377,8 +378,15 @@ def make_loader(data_set, sampler, cfg, pad_id, pad_multiple, pin_memory):
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
     return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                       collate_fn=collate, pin_memory=pin_memory,
-                                       generator=torch.Generator())
+                                       collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator(),
+                                       worker_init_fn=_leave_stopping_to_the_main_process)
+
+
+def _leave_stopping_to_the_main_process(worker_id):
+    """Loader workers ignore Ctrl-C and SIGTERM. Sent to the whole process group, they would kill the workers,
+    and PyTorch would then raise in the main process wherever it was, instead of letting it save and exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclasses.dataclass

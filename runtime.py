@@ -86,13 +86,18 @@ def any_rank(flags, world_size, device):
     return tensor.bool().tolist()
 
 
-def catch_stop_signals():
-    """Ctrl-C / SIGTERM finish the current step, save and exit; a second signal ends the process at once."""
-    stop_signal = []
+def catch_stop_signals(repeat_grace_seconds=2.0):
+    """Ctrl-C / SIGTERM finish the current step, save and exit. Signals sent to a whole process group often
+    come in bursts (a terminal, a scheduler's retries): repeats within `repeat_grace_seconds` of the first
+    are the same request; one after that ends the process at once."""
+    stop_signal, first_at = [], []
 
     def request_stop(signum, frame):
+        if first_at and time.monotonic() - first_at[0] > repeat_grace_seconds:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        first_at[:] = first_at or [time.monotonic()]
         stop_signal.append(signum)
-        signal.signal(signum, signal.SIG_DFL)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)

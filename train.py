@@ -27,6 +27,7 @@ from runtime import (any_rank, amp_dtype, autocast, catch_stop_signals, pad_mult
                      setup_distributed, synchronize)
 
 CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
+clock = time.perf_counter  # every duration train.py measures; tests inject their own
 # GradScaler starts at 2**16; after this many consecutive skips it is below 2**-8, so gradients that still
 # overflow do so whatever the scale: fp16 then counts skips against --nan_patience.
 FP16_SCALE_HALVINGS = 24
@@ -270,18 +271,39 @@ def training_steps(trainer, batches):
                                  trainer.precision, cfg, trainer.data.ids["pad"], trainer.world_size)
 
 
-def size_schedule_to_budget(trainer, progress, seconds_per_step, seconds_spent):
-    """--max_minutes: the steps so far ran at the initial rate while their time was measured; fit the
-    OneCycle schedule into the time that is left at that rate (rank 0 decides, so every rank runs the
-    same number of steps)."""
-    remaining = trainer.cfg.max_minutes * 60 - seconds_spent
+def calibration_window(planned_steps):
+    """The session steps between which --max_minutes times steps: 20 to 120, or a fifth of a run planned
+    with fewer steps, so that a short run is sized (and so warms up and anneals) too."""
+    first = min(CALIBRATION_STEPS[0], max(1, planned_steps // 10))
+    return first, min(CALIBRATION_STEPS[1], max(first + 1, planned_steps // 5))
+
+
+def calibrate(trainer, progress, train_seconds):
+    """--max_minutes: time the steps of the calibration window at the initial rate, then fit the OneCycle
+    schedule into the training time that is left at that rate (rank 0 decides, so every rank runs the same
+    number of steps). train_seconds() counts training time only, never evaluation or saving. The window
+    ends early once it has taken a tenth of the budget, so slow steps cannot spend the budget frozen."""
+    cfg, device = trainer.cfg, trainer.precision[0]
+    first, last = calibration_window(progress.total_steps)
+    if trainer.session_steps <= first:
+        if trainer.session_steps == first:
+            synchronize(device)
+            trainer.calibration_start = train_seconds()
+        return
+    ended = trainer.session_steps >= last or train_seconds() - trainer.calibration_start >= cfg.max_minutes * 6
+    if not any_rank([ended], trainer.world_size, device)[0]:
+        return
+    synchronize(device)
+    spent = train_seconds()
+    seconds_per_step = (spent - trainer.calibration_start) / (trainer.session_steps - first)
+    remaining = cfg.max_minutes * 60 - spent
     total = torch.tensor(min(progress.total_steps, progress.step + max(2, int(remaining / seconds_per_step))))
     if trainer.world_size > 1:
-        total = total.to(trainer.precision[0])
+        total = total.to(device)
         dist.broadcast(total, 0)
     trainer.schedule.settle()
     progress.total_steps, progress.calibrated = int(total), True
-    trainer.schedule.scheduler = make_scheduler(trainer.cfg, trainer.optimizer, progress.total_steps - progress.step)
+    trainer.schedule.scheduler = make_scheduler(cfg, trainer.optimizer, progress.total_steps - progress.step)
     trainer.schedule.frozen = False
 
 
@@ -296,7 +318,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
     n_tokens = torch.tensor(sums["tokens"], device=device)
     real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
-    started = time.time()
+    started = clock()
     progress_bar = tqdm(total=progress.batch_in_epoch + len(trainer.sampler), initial=progress.batch_in_epoch,
                         desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
     interrupted, lr = False, 0.0
@@ -311,18 +333,11 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
         progress.batch_in_epoch += len(group)
         progress_bar.update(len(group))
         skipped += count_skips(trainer, verdicts, patience, progress.step)
-        if cfg.max_minutes and not progress.calibrated and trainer.session_steps in CALIBRATION_STEPS:
-            synchronize(device)
-            if trainer.session_steps == CALIBRATION_STEPS[0]:
-                trainer.calibration_start = time.time()
-            else:
-                seconds_per_step = (time.time() - trainer.calibration_start) / (CALIBRATION_STEPS[1] -
-                                                                               CALIBRATION_STEPS[0])
-                size_schedule_to_budget(trainer, progress, seconds_per_step,
-                                        progress.train_seconds + time.time() - started)
+        if cfg.max_minutes and not progress.calibrated:
+            calibrate(trainer, progress, lambda: progress.train_seconds + clock() - started)
         if progress.step % cfg.log_every == 0 and is_main:  # reading the loss is a host sync: not every step
             loss = float(step_loss) / max(1, int(step_tokens))
-            rate = (real_tokens - sums["real_tokens"]) / max(1e-9, time.time() - started)
+            rate = (real_tokens - sums["real_tokens"]) / max(1e-9, clock() - started)
             progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
                                      peak=f"{fraction_of_peak(trainer, rate) or 0:.0%}")
             writer.add_scalar("train/loss", loss, progress.step)
@@ -330,7 +345,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
             writer.add_scalar("train/tokens_per_sec", rate, progress.step)
         # one process checks every step for free; ranks agree by an all-reduce, so only now and then
         if trainer.world_size == 1 or progress.step % cfg.log_every == 0:
-            out_of_time = budget_spent(cfg, progress.train_seconds + time.time() - started)
+            out_of_time = budget_spent(cfg, progress.train_seconds + clock() - started)
             interrupted, out_of_time = any_rank([bool(stop_signal), out_of_time], trainer.world_size, device)
             if out_of_time:
                 end_schedule_here(progress, progress_bar.write if is_main else lambda message: None)
@@ -340,7 +355,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
             break
     skipped += count_skips(trainer, [trainer.schedule.settle()], patience, progress.step)
     progress_bar.close()
-    seconds = time.time() - started
+    seconds = clock() - started
     progress.elapsed_seconds += seconds
     progress.train_seconds += seconds
     sums = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
@@ -383,13 +398,13 @@ def end_epoch(trainer, progress, sums, log):
         totals = torch.tensor([loss_sum, n_tokens, real_tokens], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
         loss_sum, n_tokens, real_tokens = float(totals[0]), int(totals[1]), int(totals[2])
-    started = time.time()
+    started = clock()
     metrics = {}
     if trainer.rank == 0:
         metrics, examples = evaluate(trainer.model, trainer.data, trainer.cfg, trainer.precision)
         for source, reference, hypothesis in examples:
             log(f"  source:      {source}\n  reference:   {reference}\n  translation: {hypothesis}")
-    eval_seconds = time.time() - started
+    eval_seconds = clock() - started
     progress.elapsed_seconds += eval_seconds
     tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
     line = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens), **metrics,

@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import time
 
 import pytest
 import torch
@@ -329,46 +328,90 @@ def test_readme_reference_command_builds_the_reference_recipe():
         reference.step()
 
 
+def fake_clock(monkeypatch, seconds_per_step, seconds_per_evaluation=0.0):
+    """train.py's clock advances only when a step or an evaluation runs: seconds_per_step(n) for the n-th step
+    of this call. Budget tests then do not depend on how fast or busy the machine is."""
+    now, calls = [0.0], []
+    real_step, real_evaluate = train.train_step, train.evaluate
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        now[0] += seconds_per_step(len(calls))
+        return real_step(*args, **kwargs)
+
+    def evaluate(*args, **kwargs):
+        now[0] += seconds_per_evaluation
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "clock", lambda: now[0])
+    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(train, "evaluate", evaluate)
+
+
 def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
+    """Steps take 0.05 s, a 6 s budget holds 120 of them; evaluations take 100 s, which the budget and the
+    step timing (steps 2-12, across the end of epoch 1) must both leave out."""
     monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))  # a tiny model's steps need no long timing
     args = ("--epochs", "1000", "--max_minutes", "0.1")
+    fake_clock(monkeypatch, lambda n: 0.05, seconds_per_evaluation=100.0)
     train.main(tiny_args(tmp_path / "budget", *args))
     checkpoint = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)
     total, schedule = checkpoint["total_steps"], checkpoint["scheduler"]
-    assert checkpoint["calibrated"] and 20 < total < 7 * 1000 and checkpoint["step"] == total
-    # steps 1-12 ran at the initial rate while they were timed; OneCycle covers the rest (of which a busy
-    # machine may have left the last few undone: the budget is a hard stop)
-    assert schedule["last_epoch"] == total - 12 <= schedule["total_steps"]
+    assert checkpoint["calibrated"] and 119 <= total <= 120 and checkpoint["step"] == total
+    assert checkpoint["train_seconds"] == pytest.approx(total * 0.05)
+    # steps 1-12 ran at the initial rate while they were timed; OneCycle covers the rest
+    assert schedule["last_epoch"] == total - 12 == schedule["total_steps"]
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    fake_clock(monkeypatch, lambda n: 0.05)
     crash_at(monkeypatch, 20, "kill")  # calibrated at step 12, saved at the end of epoch 2
     with pytest.raises(Crash):
         train.main(tiny_args(tmp_path / "resumed", *args))
     monkeypatch.undo()
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
     sized = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert sized["calibrated"] and 12 < sized["step"] < 20
+    assert sized["calibrated"] and 12 < sized["step"] < 20 and sized["total_steps"] == total
+    fake_clock(monkeypatch, lambda n: 0.05)
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert resumed["step"] == resumed["total_steps"] <= sized["total_steps"]
+    assert resumed["step"] == resumed["total_steps"] == total
     assert resumed["scheduler"]["total_steps"] == sized["scheduler"]["total_steps"]
 
 
 def test_max_minutes_stops_on_time_when_steps_slow_down(tmp_path, monkeypatch, capsys):
+    """Timed at 0.01 s a step, the schedule plans for 300 steps in 3 s; then steps take 0.05 s, and the
+    budget runs out at step 70, where the run must stop, evaluate and save."""
     monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
-    real_step, calls = train.train_step, []
-
-    def slower_after_timing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 12:
-            time.sleep(0.05)
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", slower_after_timing)
-    budget = 0.05 * 60
+    fake_clock(monkeypatch, lambda n: 0.01 if n <= 12 else 0.05)
+    budget = 3.0
     train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget / 60)))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["step"] == checkpoint["total_steps"] < 12 + checkpoint["scheduler"]["total_steps"]
-    assert budget <= checkpoint["train_seconds"] < budget + 2
+    assert checkpoint["step"] == checkpoint["total_steps"] == 70 < 12 + checkpoint["scheduler"]["total_steps"]
+    assert budget <= checkpoint["train_seconds"] < budget + 0.05
     assert read_metrics(tmp_path)[-1]["step"] == checkpoint["step"]  # the last epoch was evaluated and saved
-    assert "time budget spent at step" in capsys.readouterr().out
+    assert "time budget spent at step 70 of the" in capsys.readouterr().out
+
+
+def test_max_minutes_sizes_a_short_run_so_it_still_warms_up_and_anneals(tmp_path, monkeypatch):
+    """A run planned with fewer steps than the usual timing window (about 21 here) is timed over a
+    shorter window, then follows OneCycle to its final rate instead of holding lr / div_factor throughout."""
+    fake_clock(monkeypatch, lambda n: 0.01)
+    train.main(tiny_args(tmp_path, "--epochs", "3", "--max_minutes", "5"))
+    checkpoint, lines = torch.load(tmp_path / "last.pt", weights_only=True), read_metrics(tmp_path)
+    assert checkpoint["calibrated"] and checkpoint["step"] == checkpoint["total_steps"] == lines[-1]["step"]
+    assert lines[-1]["lr"] == pytest.approx(Config().lr / 10 / 10)
+    assert max(line["lr"] for line in lines) > Config().lr / 10
+
+
+def test_max_minutes_sizes_a_run_of_slow_steps_early(tmp_path, monkeypatch):
+    """Steps so slow that the usual window would take most of the budget: timing stops after a tenth of it."""
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    fake_clock(monkeypatch, lambda n: 1.0)
+    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", "0.5"))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    # timed from step 2 until 3 s (a tenth of 30 s) had passed, at step 5; then 25 more steps fit
+    assert checkpoint["step"] == checkpoint["total_steps"] == 30
+    assert checkpoint["scheduler"]["last_epoch"] == 25 == checkpoint["scheduler"]["total_steps"]
 
 
 def test_max_minutes_spent_by_the_end_of_an_epoch_starts_no_other(tmp_path, monkeypatch, capsys):

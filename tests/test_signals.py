@@ -1,0 +1,90 @@
+"""Stop signals sent to the whole process group, as `docker stop`, Kubernetes, Slurm and a terminal's Ctrl-C do,
+with DataLoader workers running: the run saves, exits without a traceback, and resumes to the very metrics of a
+run that was never stopped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny_args
+
+# train.py with markers on stdout at every step and evaluation, and slower steps and loader work, so that a
+# signal surely lands while the workers are alive; the sleeps change no number the run computes.
+DRIVER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import dataset, train
+real_step, real_evaluate, real_collate = train.train_step, train.evaluate, dataset.collate
+
+def step(*args, **kwargs):
+    result = real_step(*args, **kwargs)
+    print("STEP", flush=True)
+    time.sleep(0.05)
+    return result
+
+def evaluate(*args, **kwargs):
+    print("EVAL", flush=True)
+    return real_evaluate(*args, **kwargs)
+
+def collate(*args, **kwargs):
+    time.sleep(0.02)
+    return real_collate(*args, **kwargs)
+
+train.train_step, train.evaluate, dataset.collate = step, evaluate, collate
+train.main(sys.argv[1:])
+"""
+ARGS = ("--epochs", "2", "--dropout", "0.2", "--num_workers", "2")
+
+
+def start(run_dir, *extra):
+    return subprocess.Popen([sys.executable, "-c", DRIVER.format(root=ROOT), *tiny_args(run_dir, *ARGS, *extra)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    process = start(run_dir)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return read_metrics(run_dir)
+
+
+@pytest.mark.parametrize("when", ["training", "evaluation"])
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["sigterm", "2xsigint"])
+def test_a_stop_sent_to_the_process_group_saves_and_resumes_exactly(tmp_path, uninterrupted, when, signals):
+    process = start(tmp_path)
+    marker, seen = ("STEP", 3) if when == "training" else ("EVAL", 1), 0
+    for line in process.stdout:
+        seen += line.strip() == marker[0]
+        if seen == marker[1]:
+            break
+    for i, signum in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        os.killpg(process.pid, signum)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signals[0], err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert "continue with --resume auto" in out
+    stopped = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (stopped["batch_in_epoch"] > 0) == (when == "training")  # mid-epoch, or the evaluated epoch's end
+    resumed = start(tmp_path, "--resume", "auto")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    lines = read_metrics(tmp_path)
+    assert [line["step"] for line in lines] == [line["step"] for line in uninterrupted]
+    for a, b in zip(uninterrupted, lines):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
