@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -156,6 +157,11 @@ def main(argv=None):
                                                     "briefly trained benchmark weights (whose outputs stop early)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = Config.from_args(rest, prog="bench.py")
+    # checked before minutes of training, not after
+    if not (0 < args.seconds < float("inf") and args.decode_sentences >= 1 and args.decode_beam >= 1):
+        raise SystemExit("error: --seconds must be positive and finite, --decode_sentences and --decode_beam at least 1")
+    if args.decode_checkpoint and not os.path.isfile(args.decode_checkpoint):
+        raise SystemExit(f"error: --decode_checkpoint {args.decode_checkpoint}: no such file")
     if not cfg.data_files:
         raise SystemExit("error: bench.py needs --data_files (local pairs; the benchmark never downloads)")
     _, _, device = runtime.setup_distributed(cfg)

@@ -15,12 +15,31 @@ import shutil
 
 import torch
 import torch.distributed as dist
+from tokenizers import Tokenizer
+
+from config import Config
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "log_every", "pad_multiple",
                      "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b"}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
-RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of train.Progress
+RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where the run stands: saved in every checkpoint, restored on resume."""
+    total_steps: int
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)  # one metrics line per completed epoch
+    elapsed_seconds: float = 0.0  # training and evaluation, all sessions
+    train_seconds: float = 0.0  # training steps only, all sessions: what --max_minutes budgets
+    calibrated: bool = False  # --max_minutes has sized the schedule
+
+
+PROGRESS_KEYS = tuple(field.name for field in dataclasses.fields(Progress))
 
 
 @contextlib.contextmanager
@@ -51,9 +70,11 @@ def write_or_explain(write, path):
     try:
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C too: never leave a half-written temporary file behind
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
+        if not isinstance(error, OSError):
+            raise
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
         hint = "free some disk space" if error.errno == errno.ENOSPC else "check the directory"
         raise SystemExit(f"error: could not write {path}: {error.strerror}; {kept}; {hint} and resume with "
@@ -78,6 +99,9 @@ def write_lines_atomic(lines, path):
 
 def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
     """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: {path} is a directory; name a checkpoint file in it (e.g. "
+                         f"{os.path.join(path, 'last.pt')}), or resume a --run_dir's own with --resume auto")
     if not os.path.isfile(path):
         raise SystemExit(f"error: checkpoint not found: {path}")
     try:
@@ -94,19 +118,78 @@ def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
     return checkpoint
 
 
-def load_for_resume(cfg, last_path, world_size, progress_keys, log):
-    """The checkpoint --resume names (auto: run_dir's last.pt, if any), checked to fit this run; else None."""
+def config_of(checkpoint, path):
+    """The checkpoint's config, checked as a run's flags are (fields it predates take today's defaults): a
+    hand-edited or damaged one stops with one line instead of a traceback deep in the model."""
+    saved = checkpoint["config"]
+    needed = ("tokenizer", "lang_src", "lang_tgt", "d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers",
+              "share", "tie_embeddings")
+    missing = [name for name in needed if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise SystemExit(f"error: {path}: its config lacks {', '.join(missing)}; the checkpoint was edited or is "
+                         "damaged")
+    known = {field.name for field in dataclasses.fields(Config)}
+    try:
+        config = Config(**{name: value for name, value in saved.items() if name in known})
+        config.validate()
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {path}: its config is not valid ({error}); the checkpoint was edited or is "
+                         "damaged") from None
+    return config
+
+
+def tokenizers_of(checkpoint, path):
+    """The checkpoint's (source, target) tokenizers."""
+    try:
+        return [Tokenizer.from_str(text) for text in checkpoint["tokenizers"]]
+    except Exception:
+        raise SystemExit(f"error: {path}: its tokenizers are not the JSON train.py writes; the checkpoint was edited "
+                         "or is damaged") from None
+
+
+def load_for_resume(cfg, last_path, world_size, log):
+    """(checkpoint, its path) that --resume names (auto: run_dir's last.pt, if any), checked to fit this run;
+    (None, None) for a fresh run."""
     resume_path = last_path if cfg.resume == "auto" else cfg.resume
     if cfg.resume == "auto" and not os.path.isfile(last_path):
         log(f"resume: no {last_path} yet, starting a new run")
-        return None
+        return None, None
     if not resume_path:
-        return None
-    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + tuple(progress_keys))
+        return None, None
+    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + PROGRESS_KEYS)
     check_resumable(checkpoint, cfg, resume_path, world_size)
     log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
         f"step {checkpoint['step']})")
-    return checkpoint
+    return checkpoint, resume_path
+
+
+def check_same_data(checkpoint, fingerprint, path):
+    """Refuse to resume on data whose text changed: the old tokenizers and a reshuffled split would quietly
+    move former training pairs into validation. (Checkpoints from before fingerprints pass unchecked.)"""
+    if checkpoint.get("data_fingerprint", fingerprint) != fingerprint:
+        raise SystemExit(f"error: the data has changed since {path} was written (the pairs in --data_files, or the "
+                         "hub dataset, differ); resume with the data it was trained on, or start a new --run_dir")
+
+
+def repair_best(checkpoint, path, best_path):
+    """best.pt holds the best evaluated weights. A stop between writing last.pt and copying it, or a finished
+    run resumed into a new --run_dir, can leave it missing or stale: when the checkpoint being resumed is the
+    best evaluated state so far, copy it there."""
+    history = checkpoint["history"]
+    if not history:
+        return
+    best = min(history, key=lambda line: line["val_loss"])
+    if best is not history[-1] or checkpoint["step"] != best["step"] or saved_step(best_path) == best["step"]:
+        return
+    copy_atomic(path, best_path)
+
+
+def saved_step(path):
+    """The step of the checkpoint at path, or None where there is none (or it cannot be read)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return None
 
 
 def check_resumable(checkpoint, cfg, path, world_size):

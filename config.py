@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import sys
 import typing
@@ -85,6 +86,10 @@ class Config:
             if not ok:
                 raise ValueError(message)
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            require(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number "
+                                                                            f"(got {value})")
         require(self.share in SHARE_LAYOUTS, f"--share must be one of {', '.join(SHARE_LAYOUTS)} (got {self.share!r})")
         require(self.tokenizer in TOKENIZERS,
                 f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
@@ -129,7 +134,7 @@ class Config:
     @classmethod
     def from_args(cls, argv=None, prog=None):
         """Build a Config from `--field value` flags; bad flags or values exit with one line."""
-        parser = _OneLineParser(prog=prog, description="Every flag is a field of config.Config.")
+        parser = OneLineParser(prog=prog, description="Every flag is a field of config.Config.")
         hints = typing.get_type_hints(cls)
         # --help shows the one-line comment each field carries in this file
         comments = dict(re.findall(r"^    (\w+): .*?  # (.+)$", inspect.getsource(cls), re.MULTILINE))
@@ -159,7 +164,7 @@ def _parse_bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse prints the whole usage on error; we print the one line that says what to fix."""
 
     def error(self, message):

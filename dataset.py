@@ -4,6 +4,7 @@ Knows nothing about the model. User mistakes (missing files, malformed lines, no
 raise SystemExit with one line that names the file and line, so scripts never print a traceback.
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import signal
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from config import BATCHINGS
@@ -30,19 +32,23 @@ def load_pairs(cfg):
     name = f"Helsinki-NLP/{cfg.dataset}"
     rows = ((f"{name} row {number}", row) for number, row in enumerate(_hub_rows(cfg.dataset, cfg.lang_src,
                                                                                  cfg.lang_tgt), 1))
-    return _usable_pairs(rows, cfg.lang_src, cfg.lang_tgt, name)
+    pairs, _, dropped = _usable_pairs(rows, cfg.lang_src, cfg.lang_tgt, name)
+    return pairs, dropped
 
 
 def read_pairs(paths, src, tgt, strict=False):
-    """Pairs from local .jsonl (opus_books rows), .tsv (source<TAB>target) or .parquet files. strict: a row
-    without a usable source and target stops with its file and line instead of being dropped."""
+    """(pairs, rows dropped) from local .jsonl (opus_books rows), .tsv (source<TAB>target) or .parquet files.
+    strict: a row without a usable source and target stops with its file and line instead of being dropped,
+    and the second item lists each pair's file and line instead (for messages about a pair)."""
     rows = (located for path in paths for located in _read_rows(path, src, tgt))
-    return _usable_pairs(rows, src, tgt, ", ".join(paths), strict)
+    pairs, wheres, dropped = _usable_pairs(rows, src, tgt, ", ".join(paths), strict)
+    return pairs, wheres if strict else dropped
 
 
 def _usable_pairs(rows, src, tgt, origin, strict=False):
-    """rows: (where, row) with where naming the file and line (or the hub row) for error messages."""
-    pairs, dropped = [], 0
+    """rows: (where, row) with where naming the file and line (or the hub row) for error messages.
+    Returns the pairs, where each came from, and the count of unusable rows dropped."""
+    pairs, wheres, dropped = [], [], 0
     for where, row in rows:
         pair = _pair_from_row(row, src, tgt)
         if pair is None and strict:
@@ -51,9 +57,10 @@ def _usable_pairs(rows, src, tgt, origin, strict=False):
             dropped += 1
         else:
             pairs.append(pair)
+            wheres.append(where)
     if not pairs:
         raise SystemExit(f"error: no usable {src}-{tgt} pairs in {origin} ({dropped} rows dropped)")
-    return pairs, dropped
+    return pairs, wheres, dropped
 
 
 def _pair_from_row(row, src, tgt):
@@ -105,6 +112,8 @@ def _read_rows(path, src, tgt):
                     yield where, json.loads(line)
                 except json.JSONDecodeError as error:
                     raise SystemExit(f"error: {where}: malformed JSON ({error.msg})") from None
+                except RecursionError:
+                    raise SystemExit(f"error: {where}: malformed JSON (nested too deeply)") from None
 
 
 def _hub_rows(name, src, tgt):
@@ -177,9 +186,10 @@ _NO_SPACE_AFTER = re.compile(r"([(\[{'’-]) ")
 
 
 def decode(tokenizer, ids, word_level):
-    """Token ids to text. BPE decoding is lossless; word-level output is re-joined to read naturally."""
+    """Token ids to one line of text: a line break the model emits (BPE keeps them) becomes a space, so that
+    every input line gets exactly one output line. Word-level output is re-joined to read naturally."""
     if not word_level:
-        return tokenizer.decode(ids, skip_special_tokens=True)
+        return " ".join(tokenizer.decode(ids, skip_special_tokens=True).splitlines())
     text = " ".join(tokenizer.id_to_token(i) for i in ids if tokenizer.id_to_token(i) not in SPECIAL_TOKENS)
     return _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
 
@@ -397,6 +407,7 @@ class Data:
     train: TranslationDataset
     val: TranslationDataset
     val_pairs: list  # raw (source, reference) strings of the validation split
+    fingerprint: str  # digest of every loaded pair, in order
 
 
 def prepare_data(cfg, tokenizers=None, log=print):
@@ -404,6 +415,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
     pairs, dropped = load_pairs(cfg)
     log(f"data: {len(pairs):,} pairs ({dropped:,} rows dropped: missing, empty or non-string side)")
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    train_pairs = without_validation_pairs(train_pairs, val_pairs, log)
     src_tokenizer, tgt_tokenizer = tokenizers or train_tokenizers(train_pairs, cfg)
     ids = special_ids(tgt_tokenizer)
 
@@ -411,6 +423,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
         return encode(src_tokenizer, [s for s, _ in pairs]), encode(tgt_tokenizer, [t for _, t in pairs])
 
     train_src, train_tgt = encode_pairs(train_pairs)
+    check_vocabularies(cfg, (src_tokenizer, tgt_tokenizer), (train_src, train_tgt), ids["unk"], log)
     keep = length_filter(train_src, train_tgt, cfg.max_src_tokens, cfg.max_len_diff)
     log(f"data: {len(keep):,} training pairs kept, {len(train_src) - len(keep):,} dropped by the length filters "
         f"(source > {cfg.max_src_tokens} tokens or target > source + {cfg.max_len_diff})")
@@ -418,6 +431,9 @@ def prepare_data(cfg, tokenizers=None, log=print):
         raise SystemExit("error: the length filters left no training pairs; raise --max_src_tokens or --max_len_diff")
     val_src, val_tgt = encode_pairs(val_pairs)
     fits = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if max(len(s), len(t)) < cfg.max_positions]
+    if not fits:
+        raise SystemExit(f"error: none of the {len(val_pairs):,} validation pairs fits the model (--max_positions "
+                         f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
     log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
         f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={cfg.tokenizer}")
 
@@ -426,4 +442,52 @@ def prepare_data(cfg, tokenizers=None, log=print):
                                   ids["eos"])
 
     return Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
-                [val_pairs[i] for i in fits])
+                [val_pairs[i] for i in fits], fingerprint(pairs))
+
+
+def prepare_shared_data(cfg, tokenizers, is_main, world_size, log):
+    """prepare_data in every process of a run: rank 0 trains the tokenizers (unless given them, from a
+    checkpoint) and the others receive them, so that every rank encodes with the very same."""
+    if tokenizers or is_main:
+        data = prepare_data(cfg, tokenizers, log)
+    if world_size > 1 and not tokenizers:
+        shared = [[data.src_tokenizer.to_str(), data.tgt_tokenizer.to_str()] if is_main else None]
+        dist.broadcast_object_list(shared)
+        if not is_main:
+            data = prepare_data(cfg, [tokenizer_from_json(text) for text in shared[0]], log)
+    return data
+
+
+def fingerprint(pairs):
+    """A digest of the pairs' text: a resumed run checks that its data is still what it trained on."""
+    digest = hashlib.sha256()
+    for source, target in pairs:
+        digest.update(f"{source}\t{target}\n".encode())
+    return digest.hexdigest()
+
+
+def without_validation_pairs(train_pairs, val_pairs, log):
+    """Training pairs that repeat a validation pair (duplicates in a corpus, or a file passed twice) would make
+    validation score sentences the model trained on: they are left out of training, and counted."""
+    val_set = set(val_pairs)
+    kept = [pair for pair in train_pairs if pair not in val_set]
+    if len(kept) < len(train_pairs):
+        log(f"warning: {len(train_pairs) - len(kept):,} training pairs repeat a validation pair (duplicates in the "
+            "data, or a file passed twice); they were left out of training")
+    if not kept:
+        raise SystemExit("error: every training pair repeats a validation pair; the data holds too few distinct pairs")
+    return kept
+
+
+def check_vocabularies(cfg, tokenizers, encoded, unk_id, log):
+    """Refuse a vocabulary of special tokens only (every word would be [UNK], and translations empty while the
+    loss looks fine), and warn when unknown words are a large share of the training text."""
+    for language, tokenizer, ids in zip((cfg.lang_src, cfg.lang_tgt), tokenizers, encoded):
+        if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
+            raise SystemExit(f"error: the {language} vocabulary holds only the special tokens: no word occurs "
+                             f"--min_frequency {cfg.min_frequency} times in the training split; lower --min_frequency")
+        tokens = sum(len(sentence) for sentence in ids)
+        unknown = sum(sentence.count(unk_id) for sentence in ids)
+        if unknown > 0.5 * tokens:
+            log(f"warning: {unknown / tokens:.0%} of the {language} training tokens are unknown words ([UNK]); "
+                "lower --min_frequency or use --tokenizer bpe")

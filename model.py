@@ -257,7 +257,8 @@ def output_limits(src, pad_id, max_len_a, max_len_b, max_len, max_positions):
     if max_len:
         limits = torch.full((src.size(0),), max_len, device=src.device)
     else:
-        limits = ((src != pad_id).sum(1) * max_len_a + max_len_b).long()
+        # clamped while still floating point: a huge max_len_a would overflow the integer conversion
+        limits = ((src != pad_id).sum(1) * max_len_a + max_len_b).clamp(1, max_positions - 1).long()
     return limits.clamp(1, max_positions - 1)
 
 

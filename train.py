@@ -33,13 +33,6 @@ clock = time.perf_counter  # every duration train.py measures; tests inject thei
 FP16_SCALE_HALVINGS = 24
 
 
-# ---------------------------------------------------------------- set-up
-
-def build_model(cfg, data):
-    return Transformer(data.src_tokenizer.get_vocab_size(), data.tgt_tokenizer.get_vocab_size(), data.ids["pad"],
-                       **{name: getattr(cfg, name) for name in MODEL_FIELDS})
-
-
 # ---------------------------------------------------------------- one step
 
 def compute_loss(logits, labels, pad_id, label_smoothing):
@@ -197,19 +190,6 @@ class Trainer:
     calibration_start: float = None  # when --max_minutes started timing steps
 
 
-@dataclasses.dataclass
-class Progress:
-    """Where the run stands: saved in every checkpoint, restored on resume."""
-    total_steps: int
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    step: int = 0
-    history: list = dataclasses.field(default_factory=list)  # one metrics line per completed epoch
-    elapsed_seconds: float = 0.0  # training and evaluation, all sessions
-    train_seconds: float = 0.0  # training steps only, all sessions: what --max_minutes budgets
-    calibrated: bool = False  # --max_minutes has sized the schedule
-
-
 def new_epoch_sums():
     return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "seconds": 0.0, "skipped": 0}
 
@@ -220,7 +200,8 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     device = precision[0]
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = build_model(cfg, data).to(device)
+    model = Transformer(data.src_tokenizer.get_vocab_size(), data.tgt_tokenizer.get_vocab_size(), data.ids["pad"],
+                        **{name: getattr(cfg, name) for name in MODEL_FIELDS}).to(device)
     total, unique = model.parameter_counts()
     log(f"model: {unique:,} unique parameters ({total:,} counting every use of shared layers and tied embeddings); "
         f"layers use blocks {model.layout}")
@@ -236,8 +217,8 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
         sampler.set_epoch(epoch)
         steps_per_epoch.append(-(-len(sampler) // cfg.accum_steps))
     total_steps = sum(steps_per_epoch) if not cfg.max_steps else min(cfg.max_steps, sum(steps_per_epoch))
-    progress = (Progress(**{field.name: checkpoint[field.name] for field in dataclasses.fields(Progress)})
-                if checkpoint else Progress(total_steps))
+    progress = (ckpt.Progress(**{key: checkpoint[key] for key in ckpt.PROGRESS_KEYS}) if checkpoint
+                else ckpt.Progress(total_steps))
     optimizer, scheduler = make_optimizer(cfg, model, device, progress.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
     if checkpoint:
@@ -279,10 +260,8 @@ def calibration_window(planned_steps):
 
 
 def calibrate(trainer, progress, train_seconds):
-    """--max_minutes: time the steps of the calibration window at the initial rate, then fit the OneCycle
-    schedule into the training time that is left at that rate (rank 0 decides, so every rank runs the same
-    number of steps). train_seconds() counts training time only, never evaluation or saving. The window
-    ends early once it has taken a tenth of the budget, so slow steps cannot spend the budget frozen."""
+    """--max_minutes: time the window's steps (training time only) at the initial rate, ending early once a
+    tenth of the budget is spent; then fit OneCycle into the time left at that rate (rank 0's count)."""
     cfg, device = trainer.cfg, trainer.precision[0]
     first, last = calibration_window(progress.total_steps)
     if trainer.session_steps <= first:
@@ -425,7 +404,7 @@ def save_checkpoint(trainer, progress, sums, path, is_main):
              "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
              **dataclasses.asdict(progress),
              "ranks": ckpt.rank_states(trainer.world_size, trainer.precision[0], sums),
-             "config": dataclasses.asdict(trainer.cfg),
+             "config": dataclasses.asdict(trainer.cfg), "data_fingerprint": trainer.data.fingerprint,
              "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
     if is_main:
         ckpt.save_atomic(state, path)
@@ -439,6 +418,8 @@ def main(argv=None):
     try:
         with ckpt.locked_run_dir(cfg.run_dir, rank == 0):
             run(cfg, rank, world_size, device)
+    except KeyboardInterrupt:  # Ctrl-C before training starts; once it has, a stop saves (catch_stop_signals)
+        raise SystemExit("interrupted during set-up, before any training: nothing was saved") from None
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -450,9 +431,13 @@ def run(cfg, rank, world_size, device):
     log = print if is_main else (lambda *args, **kwargs: None)
     precision = (device, amp_dtype(cfg.amp, device))
     paths = {name: os.path.join(cfg.run_dir, name) for name in ("last.pt", "best.pt", "metrics.jsonl")}
-    checkpoint = ckpt.load_for_resume(cfg, paths["last.pt"], world_size, [f.name for f in dataclasses.fields(Progress)],
-                                      log)
-    data = share_data(cfg, checkpoint, is_main, world_size, log)
+    checkpoint, resume_path = ckpt.load_for_resume(cfg, paths["last.pt"], world_size, log)
+    tokenizers = ckpt.tokenizers_of(checkpoint, resume_path) if checkpoint else None
+    data = dataset.prepare_shared_data(cfg, tokenizers, is_main, world_size, log)
+    if checkpoint:
+        ckpt.check_same_data(checkpoint, data.fingerprint, resume_path)
+        if is_main:
+            ckpt.repair_best(checkpoint, resume_path, paths["best.pt"])
     if is_main:
         for language, tokenizer in ((cfg.lang_src, data.src_tokenizer), (cfg.lang_tgt, data.tgt_tokenizer)):
             ckpt.write_or_explain(tokenizer.save, os.path.join(cfg.run_dir, f"tokenizer_{language}.json"))
@@ -466,6 +451,7 @@ def run(cfg, rank, world_size, device):
     partial = checkpoint["ranks"][rank]["partial"] if checkpoint else new_epoch_sums()
     stop_signal = catch_stop_signals()
     best_val = min((line["val_loss"] for line in progress.history), default=float("inf"))
+    saved = False
     while progress.epoch < cfg.epochs and progress.step < progress.total_steps:
         # a signal that came during the last evaluation, or a budget spent by the epoch's last steps
         stop, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)], world_size,
@@ -476,6 +462,7 @@ def run(cfg, rank, world_size, device):
         if out_of_time:
             end_schedule_here(progress, log)
             save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
+            saved = True
             break
         sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
         if interrupted:
@@ -488,6 +475,7 @@ def run(cfg, rank, world_size, device):
         line = end_epoch(trainer, progress, sums, log)
         partial = new_epoch_sums()
         save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
+        saved = True
         if is_main:
             if line["val_loss"] < best_val:
                 best_val = line["val_loss"]
@@ -499,22 +487,12 @@ def run(cfg, rank, world_size, device):
             writer.flush()
         if world_size > 1:
             dist.barrier()
+    if not saved and resume_path != paths["last.pt"]:  # a budget spent, or a finished run resumed elsewhere
+        save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
     if writer:
         writer.close()
-    log(f"done: {os.path.abspath(paths['best.pt'])} (best val_loss {best_val:.4f})")
-
-
-def share_data(cfg, checkpoint, is_main, world_size, log):
-    """Rank 0 trains the tokenizers (or takes the checkpoint's); every rank then encodes with the very same."""
-    tokenizers = [dataset.tokenizer_from_json(text) for text in checkpoint["tokenizers"]] if checkpoint else None
-    if tokenizers or is_main:
-        data = dataset.prepare_data(cfg, tokenizers, log)
-    if world_size > 1 and not tokenizers:
-        shared = [[data.src_tokenizer.to_str(), data.tgt_tokenizer.to_str()] if is_main else None]
-        dist.broadcast_object_list(shared)
-        if not is_main:
-            data = dataset.prepare_data(cfg, [dataset.tokenizer_from_json(text) for text in shared[0]], log)
-    return data
+    final = paths["best.pt"] if os.path.isfile(paths["best.pt"]) else paths["last.pt"]
+    log(f"done: {os.path.abspath(final)} (best val_loss {best_val:.4f})")
 
 
 if __name__ == "__main__":

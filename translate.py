@@ -8,15 +8,17 @@ One translation per input (argument or stdin line), in input order; an empty lin
 A line longer than the model takes (max_positions) is cut, and stderr says which.
 """
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import time
 
 import torch
 
 import dataset
-from checkpoint import load_checkpoint
-from config import MODEL_FIELDS
+from checkpoint import config_of, load_checkpoint, tokenizers_of
+from config import MODEL_FIELDS, OneLineParser
 from model import Transformer, translate
 from runtime import amp_dtype, autocast
 
@@ -24,36 +26,37 @@ from runtime import amp_dtype, autocast
 def load_translator(path, device):
     """(model, src_tokenizer, tgt_tokenizer, config dict) from a self-contained checkpoint."""
     checkpoint = load_checkpoint(path, map_location=device)
-    cfg = checkpoint["config"]
-    src_tokenizer, tgt_tokenizer = (dataset.tokenizer_from_json(text) for text in checkpoint["tokenizers"])
-    # dropout does not act at inference: checkpoints from before attn_dropout existed load the same
-    model = Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
-                        dataset.special_ids(tgt_tokenizer)["pad"], **{name: cfg[name] for name in MODEL_FIELDS
-                                                                      if name in cfg})
+    cfg = config_of(checkpoint, path)
+    src_tokenizer, tgt_tokenizer = tokenizers_of(checkpoint, path)
     try:
+        model = Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
+                            dataset.special_ids(tgt_tokenizer)["pad"], **{name: getattr(cfg, name)
+                                                                          for name in MODEL_FIELDS})
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):
         raise SystemExit(f"error: {path}: its weights do not match the model its config describes; "
                          "the checkpoint is damaged or was edited") from None
-    return model.to(device).eval(), src_tokenizer, tgt_tokenizer, cfg
+    return model.to(device).eval(), src_tokenizer, tgt_tokenizer, dataclasses.asdict(cfg)
 
 
-def fit_to_model(sources, max_positions, line_numbers, warn):
-    """Cut sources the model cannot take (it needs room for EOS) and say on stderr which input lines were cut."""
-    for ids, number in zip(sources, line_numbers):
+def fit_to_model(sources, max_positions, names, warn):
+    """Cut sources the model cannot take (it needs room for EOS) and say on stderr which inputs were cut."""
+    for ids, name in zip(sources, names):
         if len(ids) >= max_positions:
-            warn(f"warning: input line {number} has {len(ids)} tokens, more than the model takes "
+            warn(f"warning: {name} has {len(ids)} tokens, more than the model takes "
                  f"(max_positions {max_positions}); translated its first {max_positions - 1} tokens")
             del ids[max_positions - 1:]
     return sources
 
 
 def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam=1, alpha=0.6, max_len_a=1.2,
-                    max_len_b=10, max_len=0, max_tokens=6000, warn=print):
+                    max_len_b=10, max_len=0, max_tokens=6000, warn=print, names=None):
+    """One line of translation per text, in order. names: how warnings call each text (default: input line N)."""
     ids = dataset.special_ids(tgt_tokenizer)
     todo = [i for i, text in enumerate(texts) if text.strip()]
+    names = names or [f"input line {i + 1}" for i in range(len(texts))]
     sources = fit_to_model(dataset.encode(src_tokenizer, [texts[i].strip() for i in todo]), model.max_positions,
-                           [i + 1 for i in todo], warn)
+                           [names[i] for i in todo], warn)
     outputs = translate(model, sources, ids["sos"], ids["eos"], beam, alpha, max_len_a, max_len_b, max_len,
                         max_tokens)
     results = [""] * len(texts)
@@ -83,7 +86,7 @@ def read_stdin_lines():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train.py")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     parser.add_argument("--length_penalty", type=float, default=0.6, help="GNMT length-penalty alpha for beam search")
@@ -101,6 +104,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.beam < 1 or args.max_len < 0 or args.max_tokens < 1:
         parser.error("--beam and --max_tokens must be at least 1 and --max_len not negative")
+    for name in ("length_penalty", "max_len_a", "max_len_b"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name} must be a finite number, not negative (got {value})")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -108,18 +115,18 @@ def main(argv=None):
     model, src_tokenizer, tgt_tokenizer, cfg = load_translator(args.checkpoint, device)
     word_level = cfg["tokenizer"] == "word"
     options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len, max_tokens=args.max_tokens,
-                   max_len_a=cfg.get("max_len_a", 1.2) if args.max_len_a is None else args.max_len_a,
-                   max_len_b=cfg.get("max_len_b", 10) if args.max_len_b is None else args.max_len_b,
+                   max_len_a=cfg["max_len_a"] if args.max_len_a is None else args.max_len_a,
+                   max_len_b=cfg["max_len_b"] if args.max_len_b is None else args.max_len_b,
                    warn=lambda message: print(message, file=sys.stderr))
     dtype = amp_dtype(args.amp, device)
     precision = autocast(device, dtype)
 
     if args.eval:
-        pairs, _ = dataset.read_pairs([args.eval], cfg["lang_src"], cfg["lang_tgt"], strict=True)
+        pairs, wheres = dataset.read_pairs([args.eval], cfg["lang_src"], cfg["lang_tgt"], strict=True)
         started = time.time()
         with precision:
             hypotheses = translate_texts([s for s, _ in pairs], model, src_tokenizer, tgt_tokenizer, word_level,
-                                         **options)
+                                         names=wheres, **options)
         seconds = time.time() - started
         print(json.dumps({"n": len(pairs), **score(hypotheses, [t for _, t in pairs]),
                           "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 import runtime
@@ -46,3 +47,16 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_in_its_json(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "no CUDA GPU is visible" in result.stderr
     assert json.loads(out.read_text())["cuda"] is False
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--decode_sentences", "0"], "--decode_sentences and --decode_beam at least 1"),
+    (["--decode_beam", "0"], "--decode_sentences and --decode_beam at least 1"),
+    (["--seconds", "-5"], "--seconds must be positive and finite"),
+    (["--decode_checkpoint", "missing.pt"], "--decode_checkpoint missing.pt: no such file"),
+])
+def test_bench_checks_its_flags_before_it_trains(flags, message):
+    result = run_script("bench.py", "--data_files", FIXTURE, *TINY, *flags)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]  # one line, and nothing was loaded or trained first

@@ -35,6 +35,9 @@ def test_flags_are_derived_from_fields():
     (["--data_files", "pairs.csv"], "--data_files takes .jsonl, .tsv or .parquet"),
     (["--batching", "sorted"], "--batching must be one of packed, bucketed, random"),
     (["--max_positions", "160"], "--max_positions must exceed --max_src_tokens + --max_len_diff"),
+    (["--length_penalty", "nan"], "--length_penalty must be a finite number (got nan)"),
+    (["--max_len_a", "inf"], "--max_len_a must be a finite number (got inf)"),
+    (["--max_len_a", "-1"], "--max_len_a must not be negative (got -1.0)"),
 ])
 def test_bad_flags_exit_with_one_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -97,7 +97,7 @@ def test_compile_keeps_to_two_graphs_over_varied_shapes():
 
 
 def test_a_cpu_checkpoint_resumes_on_cuda(tmp_path, monkeypatch):
-    crash_at(monkeypatch, 8, "kill")  # in epoch 2: last.pt holds epoch 1, written on the CPU
+    crash_at(monkeypatch, 10, "kill")  # in epoch 2: last.pt holds epoch 1, written on the CPU
     with pytest.raises(Crash):
         train.main(tiny_args(tmp_path, "--epochs", "2"))
     monkeypatch.undo()

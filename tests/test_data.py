@@ -227,3 +227,28 @@ def test_sharded_sampler_is_disjoint_complete_and_balanced(world_size):
                                                         rank=0, world_size=world_size))
     everything = [i for shard in shards for i in shard]
     assert sorted(everything) == list(range(101))
+
+
+def test_decoded_text_is_one_line_even_when_the_model_emits_line_breaks():
+    """BPE keeps line breaks as tokens: a translation must still be one output line per input line."""
+    pairs = [("one\ntwo", "un\ndeux"), ("three\r\nfour", "trois\u2028quatre")] * 20
+    _, tokenizer = dataset.train_tokenizers(pairs, Config(tokenizer="bpe", vocab_size=300))
+    for text in ("un\ndeux", "trois\r\nquatre", "a\u2028b\x85c"):
+        decoded = dataset.decode(tokenizer, tokenizer.encode(text).ids, word_level=False)
+        assert len(decoded.splitlines()) == 1 and decoded.split() == text.split()
+
+
+def test_a_file_passed_twice_keeps_validation_out_of_training():
+    logged = []
+    data = dataset.prepare_data(Config(data_files=[FIXTURE, FIXTURE]), log=logged.append)
+    training = set(zip(map(tuple, data.train.src_ids), map(tuple, data.train.tgt_ids)))
+    validation = set(zip(map(tuple, data.val.src_ids), map(tuple, data.val.tgt_ids)))
+    assert not training & validation
+    [warning] = [line for line in logged if "repeat a validation pair" in line]
+    assert warning.startswith("warning: ") and int(warning.split()[1]) > len(data.val) // 2
+
+
+def test_a_deeply_nested_json_line_is_one_line_of_error(tmp_path):
+    path = write(tmp_path / "deep.jsonl", '{"translation": {"en": "Hi.", "fr": "Salut."}}\n' + "[" * 200_000 + "\n")
+    with pytest.raises(SystemExit, match="deep.jsonl:2: malformed JSON"):
+        dataset.read_pairs([path], "en", "fr")

@@ -48,6 +48,7 @@ def test_length_limit_is_a_times_source_plus_b_within_max_positions():
     assert output_limits(src, PAD, 1.5, 4, 0, 1024).tolist() == [8, 19]
     assert output_limits(src, PAD, 1.5, 4, 0, 12).tolist() == [8, 11]
     assert output_limits(src, PAD, 1.5, 4, 5, 1024).tolist() == [5, 5]
+    assert output_limits(src, PAD, 1e30, 4, 0, 1024).tolist() == [1023, 1023]  # no integer overflow to 1 token
     model = trained_ish_model()
     assert all(len(ids) <= limit for ids, limit in zip(greedy_search(model, src, SOS, EOS, 1.5, 4), [8, 19]))
 

@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import train
-from conftest import ROOT, run_script, tiny_args
+from conftest import FIXTURE, ROOT, run_script, tiny_args
+from test_train import read_metrics
 
 
 def assert_one_line_error(result, *fragments):
@@ -115,3 +117,116 @@ def test_a_live_run_locks_its_run_dir_until_it_dies(tmp_path):
     finally:
         first.kill()
         first.stdout.close()
+
+
+def test_resuming_on_changed_data_is_refused(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(open(FIXTURE).read())
+    args = tiny_args(tmp_path / "run", "--epochs", "2", "--max_steps", "3")
+    args[args.index(FIXTURE)] = str(data)
+    train.main(args)
+    data.write_text(open(FIXTURE).read().replace("Tom", "Tim"))
+    with pytest.raises(SystemExit, match=r"the data has changed since .*last.pt was written"):
+        train.main([*args, "--resume", "auto"])
+
+
+def test_a_validation_split_the_model_cannot_take_is_refused_before_training(tmp_path):
+    short, long = ('{"translation": {"en": "a b c", "fr": "x y z"}}', '{"translation": {"en": "a b", "fr": "%s"}}'
+                   % " ".join(["w"] * 12))
+    pairs = dataset.split_pairs(list(range(40)), 0.05, 42)[1]  # the indices the split puts in validation
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(long if i in pairs else short for i in range(40)) + "\n")
+    result = run_script("train.py", "--data_files", str(data), "--run_dir", str(tmp_path / "run"), "--device", "cpu",
+                        "--val_fraction", "0.05", "--max_src_tokens", "5", "--max_len_diff", "2",
+                        "--max_positions", "8")
+    assert_one_line_error(result, "none of the 2 validation pairs fits the model (--max_positions 8")
+    assert "train:" not in result.stdout
+
+
+def test_a_vocabulary_of_special_tokens_only_is_refused(tmp_path):
+    assert_one_line_error(run_script("train.py", *tiny_args(tmp_path / "run"), "--min_frequency", "100000"),
+                          "the en vocabulary holds only the special tokens", "lower --min_frequency")
+
+
+def test_ctrl_c_during_set_up_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "train_tokenizers", interrupted)
+    with pytest.raises(SystemExit, match="interrupted during set-up, before any training: nothing was saved"):
+        train.main(tiny_args(tmp_path))
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "save", lambda *args: interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_atomic({}, str(tmp_path / "last.pt"))
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_best_pt_is_made_good_when_a_stop_came_before_its_copy(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stopped(*args):
+        raise Stop
+
+    monkeypatch.setattr(checkpoint, "copy_atomic", stopped)  # killed after last.pt, before best.pt
+    with pytest.raises(Stop):
+        train.main(tiny_args(tmp_path, "--epochs", "2"))
+    monkeypatch.undo()
+    assert not (tmp_path / "best.pt").exists()
+    epoch_1 = torch.load(tmp_path / "last.pt", weights_only=True)["step"]
+    real_step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: stopped())  # and killed again at once
+    with pytest.raises(Stop):
+        train.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "auto"))
+    assert checkpoint.saved_step(str(tmp_path / "best.pt")) == epoch_1
+    monkeypatch.setattr(train, "train_step", real_step)
+    train.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "auto"))
+    assert checkpoint.saved_step(str(tmp_path / "best.pt")) in {line["step"] for line in read_metrics(tmp_path)}
+
+
+def test_a_finished_run_resumed_into_a_new_run_dir_leaves_its_checkpoints_there(tmp_path):
+    train.main(tiny_args(tmp_path / "old", "--epochs", "1"))
+    result = run_script("train.py", *tiny_args(tmp_path / "new", "--epochs", "1", "--resume",
+                                               str(tmp_path / "old" / "best.pt")))
+    assert result.returncode == 0, result.stderr
+    done = result.stdout.strip().splitlines()[-1]
+    assert done.startswith(f"done: {tmp_path / 'new' / 'best.pt'}")
+    for name in ("last.pt", "best.pt"):
+        assert checkpoint.saved_step(str(tmp_path / "new" / name)) == checkpoint.saved_step(
+            str(tmp_path / "old" / "best.pt"))
+
+
+def test_resume_naming_a_directory_says_so(tmp_path):
+    assert_one_line_error(run_script("train.py", *tiny_args(tmp_path / "run"), "--resume", str(tmp_path)),
+                          f"{tmp_path} is a directory; name a checkpoint file in it")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(tokenizers=["{broken", c["tokenizers"][1]]), "its tokenizers are not the JSON"),
+    (lambda c: c["config"].pop("tokenizer"), "its config lacks tokenizer"),
+    (lambda c: c["config"].update(n_heads=3), "its config is not valid (n_heads must divide d_model"),
+    (lambda c: c["config"].update(d_model=64), "its weights do not match the model its config describes"),
+])
+def test_a_hand_edited_checkpoint_is_one_line(checkpoint, tmp_path, edit, message):
+    state = torch.load(checkpoint, weights_only=True)
+    edit(state)
+    torch.save(state, tmp_path / "edited.pt")
+    assert_one_line_error(run_script("translate.py", "--checkpoint", str(tmp_path / "edited.pt"), "Hello."), message)
+
+
+@pytest.mark.parametrize("flags, message", [(["--max_len_a", "-1"], "--max_len_a must be a finite number, not negative"),
+                                            (["--length_penalty", "nan", "--beam", "4"], "--length_penalty must be")])
+def test_translate_refuses_length_options_that_would_empty_its_output(checkpoint, flags, message):
+    assert_one_line_error(run_script("translate.py", "--checkpoint", checkpoint, *flags, "Hello."), message)
+
+
+def test_eval_warnings_name_the_file_and_line(checkpoint, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    long_source = " ".join(["word"] * 1100)
+    pairs.write_text('{"translation": {"en": "Hi.", "fr": "Salut."}}\n\n'
+                     f'{{"translation": {{"en": "{long_source}", "fr": "Mot."}}}}\n')
+    result = run_script("translate.py", "--checkpoint", checkpoint, "--eval", str(pairs), "--max_len", "3")
+    assert result.returncode == 0, result.stderr
+    [warning] = result.stderr.strip().splitlines()
+    assert f"{pairs}:3 has 1100 tokens" in warning
