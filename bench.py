@@ -16,7 +16,7 @@ batching, precision and optimizer, flags included); on CUDA also packed_bf16 and
 fixed and dynamic always take --batch_size sentences, as the reference did; the others take --max_tokens
 when it is set. Every variant reports fraction_of_peak: analytic training FLOPs per real token x real
 tokens/s / the peak matmul FLOP/s this script measures in that precision, and the attention kernels
-SDPA chose. Decoding runs under the config's --amp (auto: bf16 where the CPU has bf16 matrix units).
+SDPA chose. Decoding runs under the config's --amp (auto: see runtime.amp_dtype).
 """
 import argparse
 import dataclasses
@@ -128,6 +128,38 @@ def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
     return result, trainer.model, trainer.flops_per_token
 
 
+def profile_steps(cfg, data, device, steps):
+    """torch.profiler over `steps` default training steps (after a few untimed ones): wall ms per step, and on
+    CUDA the GPU-kernel ms per step, the share of the wall time the GPU is busy, and kernel launches per step."""
+    from torch.profiler import ProfilerActivity, profile
+    precision = (device, runtime.amp_dtype(cfg.amp, device))
+    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, precision, log=lambda message: None)
+    trainer.schedule = train.Schedule(train.make_scheduler(cfg, trainer.optimizer, 1_000_000))
+    collate = dataset.make_collate(data.ids["pad"], runtime.pad_multiple(cfg, device), None,
+                                   cfg.pack_length if cfg.batching == "packed" else 0)
+    batches = [collate([data.train[i] for i in indices]) for indices in itertools.islice(endless(trainer.sampler),
+                                                                                         steps + 3)]
+    loop = train.training_steps(trainer, batches)
+    for _ in itertools.islice(loop, 3):
+        pass
+    runtime.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for _ in loop:
+            pass
+        runtime.synchronize(device)
+        wall = time.perf_counter() - started
+    result = {"steps": steps, "wall_ms_per_step": 1000 * wall / steps}
+    if device.type == "cuda":
+        kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+        busy = sum(event.time_range.elapsed_us() for event in kernels) / 1000 / steps
+        result.update(kernel_ms_per_step=busy, gpu_busy_fraction=busy / result["wall_ms_per_step"],
+                      kernels_per_step=len(kernels) / steps)
+    log(f"profile of the default step: {result}")
+    return result
+
+
 def decoding_speeds(model, sources, ids, cfg, beam, precision):
     """Sentences and output tokens per second: greedy without and with the cache, and beam search."""
     results = {}
@@ -153,13 +185,17 @@ def main(argv=None):
     parser.add_argument("--seconds", type=float, default=20.0, help="training time per variant")
     parser.add_argument("--decode_sentences", type=int, default=200, help="validation sentences to decode")
     parser.add_argument("--decode_beam", type=int, default=4, help="beam size for the beam-search speed")
+    parser.add_argument("--profile_steps", type=int, default=0, help="profile this many default steps (0 = none)")
     parser.add_argument("--decode_checkpoint", help="decode with this trained checkpoint's weights instead of the "
                                                     "briefly trained benchmark weights (whose outputs stop early)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = Config.from_args(rest, prog="bench.py")
     # checked before minutes of training, not after
     if not (0 < args.seconds < float("inf") and args.decode_sentences >= 1 and args.decode_beam >= 1):
-        raise SystemExit("error: --seconds must be positive and finite, --decode_sentences and --decode_beam at least 1")
+        raise SystemExit("error: --seconds must be positive and finite, --decode_sentences and --decode_beam "
+                         "at least 1")
+    if args.profile_steps < 0:
+        raise SystemExit("error: --profile_steps must not be negative")
     if args.decode_checkpoint and not os.path.isfile(args.decode_checkpoint):
         raise SystemExit(f"error: --decode_checkpoint {args.decode_checkpoint}: no such file")
     if not cfg.data_files:
@@ -189,11 +225,14 @@ def main(argv=None):
         "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
                                                 "n_unique_layers", "share", "batch_size", "max_tokens", "batching",
                                                 "amp", "pack_length", "pad_multiple", "attn_dropout")},
+        "amp_auto": PRECISION_NAMES[runtime.amp_dtype("auto", device)],  # what --amp auto chose here
         "flops_per_token": flops_per_token,
         "peak_flops": peaks,
         "variants": results,
         "ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
     }
+    if args.profile_steps:
+        report["profile"] = profile_steps(cfg, data, device, args.profile_steps)
     sources, ids = data.val.src_ids[:args.decode_sentences], data.ids
     if args.decode_checkpoint:
         model, src_tokenizer, tgt_tokenizer, _ = load_translator(args.decode_checkpoint, device)

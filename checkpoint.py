@@ -21,7 +21,7 @@ from config import Config
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "log_every", "pad_multiple",
-                     "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b"}
+                     "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b", "eval_every_minutes"}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 
@@ -33,7 +33,7 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0
     step: int = 0
-    history: list = dataclasses.field(default_factory=list)  # one metrics line per completed epoch
+    history: list = dataclasses.field(default_factory=list)  # one metrics line per evaluation
     elapsed_seconds: float = 0.0  # training and evaluation, all sessions
     train_seconds: float = 0.0  # training steps only, all sessions: what --max_minutes budgets
     calibrated: bool = False  # --max_minutes has sized the schedule
@@ -236,3 +236,16 @@ def restore_rng(state):
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
+
+
+def save(trainer, progress, sums, path, is_main):
+    """Gather every rank's RNG state and running sums (a collective), then rank 0 writes a self-contained
+    checkpoint of the run that `trainer` (train.Trainer) trains."""
+    state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+             "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+             **dataclasses.asdict(progress),
+             "ranks": rank_states(trainer.world_size, trainer.precision[0], sums),
+             "config": dataclasses.asdict(trainer.cfg), "data_fingerprint": trainer.data.fingerprint,
+             "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
+    if is_main:
+        save_atomic(state, path)

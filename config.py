@@ -65,15 +65,16 @@ class Config:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
     nan_patience: int = 3  # stop after this many consecutive steps with a non-finite loss
     # system
-    amp: str = "auto"  # auto (fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32), fp16, bf16 or off
+    amp: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: bf16 where measured faster than fp32), fp16, bf16, off
     compile: bool = False  # torch.compile the model for training
     device: str = "auto"  # auto (cuda if available), cuda or cpu
     seed: int = 42  # seeds the split, the batches, initialisation and dropout
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = -1  # DataLoader worker processes (-1 = auto: 2 on CUDA, 0 on a CPU, whose cores train)
     run_dir: str = "runs/opus_books"  # where checkpoints, metrics and TensorBoard logs go
     resume: str = ""  # "" = fresh run, "auto" = run_dir/last.pt if it exists, or a checkpoint path
     log_every: int = 50  # steps between progress-bar and TensorBoard updates
     # evaluation
+    eval_every_minutes: float = 0.0  # evaluate and save at an epoch end after this much training (0 = auto, README)
     n_eval_sentences: int = 500  # validation sentences translated each epoch for BLEU/chrF/CER/WER
     beam: int = 1  # beam size for evaluation translations (1 = greedy)
     length_penalty: float = 0.6  # GNMT length-penalty alpha for beam search
@@ -104,7 +105,8 @@ class Config:
                      "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pack_length", "accum_steps",
                      "bucket_pool", "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("max_steps", "max_minutes", "max_tokens", "max_len_diff", "num_workers", "n_eval_sentences",
+        require(self.num_workers >= -1, f"--num_workers must be -1 (auto) or more (got {self.num_workers})")
+        for name in ("max_steps", "max_minutes", "eval_every_minutes", "max_tokens", "max_len_diff", "n_eval_sentences",
                      "grad_clip", "dropout", "attn_dropout", "weight_decay", "label_smoothing", "length_penalty",
                      "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")

@@ -256,23 +256,39 @@ def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0)
     """Pad source and target to this batch's own longest row (or to fixed_lengths); never truncate.
 
     pack_length > 0 packs several sentences end to end into each row (see pack_rows) and adds
-    src_segments / tgt_segments: each token's sentence number within its row, 1, 2, ...; 0 = padding."""
+    src_segments / tgt_segments: each token's sentence number within its row, 1, 2, ...; 0 = padding.
+    Each side is one flat tensor of all its sentences, scattered into place by index arithmetic."""
     rows, src_len, tgt_len = batch_layout([(len(s), len(t)) for s, _, t in examples], pad_multiple, fixed_lengths,
                                           pack_length)
+    order = [i for row in rows for i in row]
+    sentences_per_row = torch.tensor([len(row) for row in rows])
+    row_of_sentence = torch.arange(len(rows)).repeat_interleave(sentences_per_row)
+    first_of_row = sentences_per_row.cumsum(0) - sentences_per_row
+    number = torch.arange(len(order)) - first_of_row.repeat_interleave(sentences_per_row) + 1
 
-    def pad(side, length, segments=False):
-        batch = torch.full((len(rows), length), 0 if segments else pad_id, dtype=torch.long)
-        for r, row in enumerate(rows):
-            column = 0
-            for number, i in enumerate(row, 1):
-                sequence = examples[i][side]
-                batch[r, column:column + len(sequence)] = number if segments else sequence
-                column += len(sequence)
+    def place(side):
+        """(row, column) of every token of this side, in the order of torch.cat over `order`."""
+        lengths = torch.tensor([len(examples[i][side]) for i in order])
+        ends = lengths.cumsum(0)
+        starts = ends - lengths  # of each sentence in the flat tensor
+        column_of_sentence = starts - starts[first_of_row].repeat_interleave(sentences_per_row)
+        within = torch.arange(int(ends[-1])) - starts.repeat_interleave(lengths)
+        return row_of_sentence.repeat_interleave(lengths), column_of_sentence.repeat_interleave(lengths) + within, \
+            lengths
+
+    def scatter(values, where, width, fill):
+        batch = torch.full((len(rows), width), fill, dtype=torch.long)
+        batch[where[0], where[1]] = values
         return batch
 
-    batch = {"src": pad(0, src_len), "tgt_in": pad(1, tgt_len), "labels": pad(2, tgt_len)}
+    src_where, tgt_where = place(0), place(2)
+    flat = [torch.cat([examples[i][side] for i in order]) for side in range(3)]
+    batch = {"src": scatter(flat[0], src_where, src_len, pad_id),
+             "tgt_in": scatter(flat[1], tgt_where, tgt_len, pad_id),
+             "labels": scatter(flat[2], tgt_where, tgt_len, pad_id)}
     if pack_length:
-        batch["src_segments"], batch["tgt_segments"] = pad(0, src_len, segments=True), pad(2, tgt_len, segments=True)
+        batch["src_segments"] = scatter(number.repeat_interleave(src_where[2]), src_where, src_len, 0)
+        batch["tgt_segments"] = scatter(number.repeat_interleave(tgt_where[2]), tgt_where, tgt_len, 0)
     return batch
 
 
@@ -382,12 +398,12 @@ def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
                                 shuffle, cfg.seed, rank, world_size, cfg.bucket_pool)
 
 
-def make_loader(data_set, sampler, cfg, pad_id, pad_multiple, pin_memory):
+def make_loader(data_set, sampler, cfg, pad_id, pad_multiple, workers, pin_memory):
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0
     collate = make_collate(pad_id, pad_multiple, None, pack_length)
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
-    return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=cfg.num_workers,
+    return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=workers,
                                        collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator(),
                                        worker_init_fn=_leave_stopping_to_the_main_process)
 

@@ -1,11 +1,14 @@
-"""Prove the GPU path end to end, offline, in a few minutes, and write one JSON summary:
+"""Prove the GPU path end to end, offline, in one device call of under 8 minutes, and write one JSON summary:
 
-    python gpu_check.py [--data_files F ...] [--seconds 15] [--out gpu_check.json]
+    python gpu_check.py [--data_files F ...] [--seconds 10] [--quality_minutes 1.5] [--out gpu_check.json]
 
-Runs tests/test_cuda.py, bench.py's variants (fp16, bf16, compile among them; fraction_of_peak and the attention
-kernels for each) at the reference architecture, a 2-process torchrun run when two GPUs are visible, and
-records the torch, CUDA and cuDNN versions. Data: --data_files, else ../shared/data/*.jsonl where present,
-else the test fixture. Without a GPU it says so in one line (and in the JSON) and exits 1.
+Runs tests/test_cuda.py (keeping pytest's whole output when a test fails), bench.py's variants (fp16, bf16,
+compile among them; fraction_of_peak and the attention kernels for each) at the reference architecture with a
+profile of the default step (wall ms, GPU-kernel ms and kernel launches per step), a time-to-quality run
+(`train.py --max_minutes Q`: steps, val_loss and BLEU on the validation split), a 2-process torchrun run when
+two GPUs are visible, and records the torch, CUDA and cuDNN versions. Data: --data_files, else
+../shared/data/*.jsonl where present, else the test fixture. Without a GPU it says so in one line (and in the
+JSON) and exits 1.
 """
 import argparse
 import glob
@@ -29,14 +32,15 @@ def run(command, timeout):
         return {"returncode": None, "seconds": timeout, "error": f"timed out after {timeout} s"}, ""
     report = {"returncode": result.returncode, "seconds": round(time.time() - started, 1)}
     if result.returncode:
-        report["stderr_tail"] = result.stderr[-2000:]
+        report["output"] = result.stdout + result.stderr
     return report, result.stdout
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_files", nargs="*", help="pairs for bench.py and torchrun (default: see above)")
-    parser.add_argument("--seconds", type=float, default=15.0, help="bench.py training time per variant")
+    parser.add_argument("--seconds", type=float, default=10.0, help="bench.py training time per variant")
+    parser.add_argument("--quality_minutes", type=float, default=1.5, help="--max_minutes of the time-to-quality run")
     parser.add_argument("--out", default="gpu_check.json", help="where the JSON summary goes")
     args = parser.parse_args()
     data_files = (args.data_files or sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "*.jsonl")))
@@ -52,12 +56,22 @@ def main():
                          f"{torch.version.cuda}); run this on a GPU machine. Wrote {args.out}")
     started = time.time()
     summary["tests"], output = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                    "tests/test_cuda.py"], timeout=240)
+                                    "tests/test_cuda.py"], timeout=180)
     summary["tests"]["summary"] = output.strip().splitlines()[-1] if output.strip() else ""
     summary["bench"], output = run([sys.executable, "bench.py", "--data_files", *data_files, "--seconds",
-                                    str(args.seconds), "--decode_sentences", "300"], timeout=420)
+                                    str(args.seconds), "--decode_sentences", "300", "--profile_steps", "20"],
+                                   timeout=240)
     if summary["bench"]["returncode"] == 0:
         summary["bench"].update(json.loads(output))
+    with tempfile.TemporaryDirectory() as run_dir:
+        summary["quality"], _ = run([sys.executable, "train.py", "--data_files", *data_files, "--max_minutes",
+                                     str(args.quality_minutes), "--run_dir", run_dir], timeout=300)
+        if summary["quality"]["returncode"] == 0:
+            with open(os.path.join(run_dir, "metrics.jsonl")) as file:
+                lines = [json.loads(line) for line in file]
+            summary["quality"].update({key: lines[-1].get(key) for key in (
+                "step", "val_loss", "bleu", "chrf", "tokens_per_sec", "fraction_of_peak", "elapsed_seconds")},
+                evaluations=len(lines))
     if torch.cuda.device_count() >= 2:
         with tempfile.TemporaryDirectory() as run_dir:
             summary["torchrun"], _ = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -67,7 +81,8 @@ def main():
     with open(args.out, "w") as file:
         json.dump(summary, file, indent=2)
     print(json.dumps(summary, indent=2))
-    failed = [name for name in ("tests", "bench", "torchrun") if name in summary and summary[name]["returncode"]]
+    failed = [name for name in ("tests", "bench", "quality", "torchrun") if name in summary and
+              summary[name]["returncode"]]
     if failed:
         raise SystemExit(f"error: {', '.join(failed)} failed; see {args.out}")
 

@@ -4,12 +4,15 @@ Knows nothing about the data or the training loop.
 """
 import contextlib
 import datetime
+import functools
 import os
 import signal
 import time
 
 import torch
 import torch.distributed as dist
+
+CPU_PROBE_SIZE = 1024  # the matrix product timed at start-up on a CPU: seconds of start-up, not minutes
 
 
 def setup_distributed(cfg):
@@ -28,15 +31,19 @@ def setup_distributed(cfg):
     return dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def cpu_has_bf16_matmul():
-    """AMX or AVX512-BF16: the CPU multiplies bf16 matrices natively, so bf16 autocast is faster than fp32."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-
-
 def amp_dtype(amp, device):
-    """The autocast dtype for an --amp mode on this device, or None for full fp32."""
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else ("bf16" if cpu_has_bf16_matmul() else "off")
+    """The autocast dtype for an --amp mode on this device, or None for full fp32. auto: bf16 on GPUs that
+    support it (no GradScaler, no skipped steps), fp16 with GradScaler on older ones; on a CPU, bf16 only
+    where its matrix products measurably beat fp32's (feature flags are not enough: a CPU with AVX512-BF16
+    but no AMX multiplied bf16 at half its fp32 speed)."""
+    if amp == "auto" and device.type == "cuda":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif amp == "auto":
+        faster = torch.tensor(float(peak_flops(device, torch.bfloat16, CPU_PROBE_SIZE) >
+                                    peak_flops(device, None, CPU_PROBE_SIZE)))
+        if dist.is_initialized():  # every rank trains in the precision that rank 0 measured
+            dist.broadcast(faster, 0)
+        amp = "bf16" if faster else "off"
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("error: --amp bf16 is not supported on this GPU; use --amp fp16")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
@@ -54,9 +61,17 @@ def pad_multiple(cfg, device):
     return cfg.pad_multiple or (8 if device.type == "cuda" or cfg.batching == "packed" else 1)
 
 
+def loader_workers(cfg, device):
+    """--num_workers -1: two workers on CUDA, so that the next batches are collated while the GPU runs the
+    step; none on a CPU, where the step needs every core."""
+    return cfg.num_workers if cfg.num_workers >= 0 else (2 if device.type == "cuda" else 0)
+
+
+@functools.cache
 def peak_flops(device, dtype, size=None):
     """Measured FLOP/s of large matrix products in this dtype: the ceiling that fraction_of_peak divides by.
-    None for fp16 on a CPU, which has no fp16 matrix units worth measuring (and takes minutes to try)."""
+    None for fp16 on a CPU, which has no fp16 matrix units worth measuring (and takes minutes to try).
+    Measured once per process for each (device, dtype, size)."""
     if device.type == "cpu" and dtype == torch.float16:
         return None
     size = size or (8192 if device.type == "cuda" else 2048)

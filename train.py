@@ -23,8 +23,8 @@ import dataset
 from config import MODEL_FIELDS, Config
 from model import Transformer, translate
 from translate import score
-from runtime import (any_rank, amp_dtype, autocast, catch_stop_signals, pad_multiple, peak_flops,
-                     setup_distributed, synchronize)
+from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_signals, loader_workers,
+                     pad_multiple, peak_flops, setup_distributed, synchronize)
 
 CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
 clock = time.perf_counter  # every duration train.py measures; tests inject their own
@@ -44,11 +44,11 @@ def compute_loss(logits, labels, pad_id, label_smoothing):
 class Schedule:
     """Advances OneCycle once per optimizer update that really happened.
 
-    fp32/bf16 must know at once whether the gradients are finite, to skip the update (one host sync per
-    step). Under fp16 the GradScaler and fused AdamW skip on the device; their verdict is copied to the
-    host without waiting and read at the next step, after that step's forward and backward are queued,
-    when the GPU has long finished it. Every update still uses exactly the rate it would get with an
-    immediate check, and no fp16 step waits for the GPU."""
+    On CUDA fused AdamW skips a non-finite update on the device (told by the GradScaler under fp16, by
+    found_inf otherwise); the verdict is copied to the host without waiting and read at the next step,
+    after that step's forward and backward are queued, when the GPU has long finished it. Every update
+    still uses exactly the rate it would get with an immediate check, and no step waits for the GPU. On a
+    CPU, where nothing runs ahead, bf16/fp32 check at once (a bool verdict)."""
 
     def __init__(self, scheduler, frozen=False):
         self.scheduler, self.pending, self.event = scheduler, None, None
@@ -112,6 +112,11 @@ def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_
         scaler.step(optimizer)  # fused AdamW skips a non-finite step on the device, without a host sync
         scaler.update()
         verdicts.append(schedule.record(torch.isfinite(grad_norm)))
+    elif device.type == "cuda":  # the same device-side skip without a scaler: no step waits for the GPU
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+        del optimizer.found_inf
+        verdicts.append(schedule.record(torch.isfinite(grad_norm)))
     else:
         stepped = bool(torch.isfinite(grad_norm))
         if stepped:
@@ -145,7 +150,7 @@ def evaluate(model, data, cfg, precision):
     model.eval()
     pad_id = data.ids["pad"]
     loader = dataset.make_loader(data.val, dataset.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg, pad_id,
-                                 pad_multiple(cfg, device), device.type == "cuda")
+                                 pad_multiple(cfg, device), loader_workers(cfg, device), device.type == "cuda")
     loss_sum, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for batch in loader:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -230,7 +235,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
         f"amp {precision[1] or 'off (fp32)'}, {'world size ' + str(world_size) if world_size > 1 else 'single process'}"
         f", {flops / 1e6:.0f} MFLOP per token")
     # a smaller product than bench.py's: this one is start-up time of every run
-    peak = peak_flops(*precision, size=1024 if device.type == "cpu" else 4096) if rank == 0 else None
+    peak = peak_flops(*precision, size=CPU_PROBE_SIZE if device.type == "cpu" else 4096) if rank == 0 else None
     schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
     trainer = Trainer(cfg, model, train_model, optimizer, schedule, scaler, precision, sampler, data, rank,
                       world_size, flops, peak)
@@ -252,18 +257,13 @@ def training_steps(trainer, batches):
                                  trainer.precision, cfg, trainer.data.ids["pad"], trainer.world_size)
 
 
-def calibration_window(planned_steps):
-    """The session steps between which --max_minutes times steps: 20 to 120, or a fifth of a run planned
-    with fewer steps, so that a short run is sized (and so warms up and anneals) too."""
-    first = min(CALIBRATION_STEPS[0], max(1, planned_steps // 10))
-    return first, min(CALIBRATION_STEPS[1], max(first + 1, planned_steps // 5))
-
-
 def calibrate(trainer, progress, train_seconds):
-    """--max_minutes: time the window's steps (training time only) at the initial rate, ending early once a
-    tenth of the budget is spent; then fit OneCycle into the time left at that rate (rank 0's count)."""
+    """--max_minutes: time steps 20 to 120 (a tenth to a fifth of a run planned shorter) at the initial rate,
+    in training time only, ending early once a tenth of the budget is spent; then fit OneCycle into the time
+    left at that rate (rank 0's count). So short or slow runs warm up and anneal too."""
     cfg, device = trainer.cfg, trainer.precision[0]
-    first, last = calibration_window(progress.total_steps)
+    first = min(CALIBRATION_STEPS[0], max(1, progress.total_steps // 10))
+    last = min(CALIBRATION_STEPS[1], max(first + 1, progress.total_steps // 5))
     if trainer.session_steps <= first:
         if trainer.session_steps == first:
             synchronize(device)
@@ -293,7 +293,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     pad_id = trainer.data.ids["pad"]
     trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
     loader = dataset.make_loader(trainer.data.train, trainer.sampler, cfg, pad_id, pad_multiple(cfg, device),
-                                 device.type == "cuda")
+                                 loader_workers(cfg, device), device.type == "cuda")
     loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
     n_tokens = torch.tensor(sums["tokens"], device=device)
     real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
@@ -319,9 +319,8 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
             rate = (real_tokens - sums["real_tokens"]) / max(1e-9, clock() - started)
             progress_bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
                                      peak=f"{fraction_of_peak(trainer, rate) or 0:.0%}")
-            writer.add_scalar("train/loss", loss, progress.step)
-            writer.add_scalar("train/lr", lr, progress.step)
-            writer.add_scalar("train/tokens_per_sec", rate, progress.step)
+            for name, value in (("loss", loss), ("lr", lr), ("tokens_per_sec", rate)):
+                writer.add_scalar(f"train/{name}", value, progress.step)
         # one process checks every step for free; ranks agree by an all-reduce, so only now and then
         if trainer.world_size == 1 or progress.step % cfg.log_every == 0:
             out_of_time = budget_spent(cfg, progress.train_seconds + clock() - started)
@@ -369,8 +368,17 @@ def count_skips(trainer, verdicts, patience, step):
     return skips
 
 
-def end_epoch(trainer, progress, sums, log):
-    """Combine the ranks' sums, evaluate on rank 0 and append the epoch's metrics line to the history."""
+def evaluation_due(cfg, progress, sums):
+    """At an epoch's end: evaluate (and save) when the run ends here or --eval_every_minutes of training have
+    passed since the last evaluation; auto: every epoch, or about ten times in a --max_minutes budget. Short
+    epochs (a second each on a GPU) then do not spend more time evaluating than training."""
+    interval = cfg.eval_every_minutes or cfg.max_minutes / 10
+    return (progress.epoch >= cfg.epochs or progress.step >= progress.total_steps or
+            budget_spent(cfg, progress.train_seconds) or sums["seconds"] >= interval * 60)
+
+
+def end_interval(trainer, progress, sums, log):
+    """Combine the ranks' sums since the last evaluation, evaluate on rank 0, append the metrics line."""
     device = trainer.precision[0]
     loss_sum, n_tokens, real_tokens = sums["loss"], sums["tokens"], sums["real_tokens"]
     if trainer.world_size > 1:
@@ -386,28 +394,15 @@ def end_epoch(trainer, progress, sums, log):
     eval_seconds = clock() - started
     progress.elapsed_seconds += eval_seconds
     tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
-    line = {"epoch": progress.epoch + 1, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens), **metrics,
+    line = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens), **metrics,
             "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
             "fraction_of_peak": fraction_of_peak(trainer, tokens_per_sec),
             "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,
             "elapsed_seconds": progress.elapsed_seconds, "skipped_steps": sums["skipped"]}
     progress.history.append(line)
-    progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
     log(f"epoch {progress.epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                 for k, v in line.items() if k != "epoch"))
     return line
-
-
-def save_checkpoint(trainer, progress, sums, path, is_main):
-    """Gather every rank's RNG state and sums (a collective), then rank 0 writes the checkpoint."""
-    state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-             "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-             **dataclasses.asdict(progress),
-             "ranks": ckpt.rank_states(trainer.world_size, trainer.precision[0], sums),
-             "config": dataclasses.asdict(trainer.cfg), "data_fingerprint": trainer.data.fingerprint,
-             "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
-    if is_main:
-        ckpt.save_atomic(state, path)
 
 
 # ---------------------------------------------------------------- the run
@@ -442,10 +437,9 @@ def run(cfg, rank, world_size, device):
         for language, tokenizer in ((cfg.lang_src, data.src_tokenizer), (cfg.lang_tgt, data.tgt_tokenizer)):
             ckpt.write_or_explain(tokenizer.save, os.path.join(cfg.run_dir, f"tokenizer_{language}.json"))
     trainer, progress = build_trainer(cfg, data, checkpoint, rank, world_size, precision, log)
-    if is_main:  # metrics.jsonl always holds exactly the epochs this run's state has completed
-        ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
     writer = None
-    if is_main:
+    if is_main:  # metrics.jsonl always holds exactly the evaluations this run's state has made
+        ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(cfg.run_dir, purge_step=progress.step if checkpoint else None)
     partial = checkpoint["ranks"][rank]["partial"] if checkpoint else new_epoch_sums()
@@ -457,24 +451,30 @@ def run(cfg, rank, world_size, device):
         stop, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)], world_size,
                                      device)
         if stop:
+            if partial["seconds"]:  # epochs trained since the last evaluation are saved too
+                ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
             log(f"stopped after epoch {progress.epoch}; {paths['last.pt']} holds it; continue with --resume auto")
             raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
         if out_of_time:
             end_schedule_here(progress, log)
-            save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
+            ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
             saved = True
             break
         sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
         if interrupted:
-            save_checkpoint(trainer, progress, sums, paths["last.pt"], is_main)
+            ckpt.save(trainer, progress, sums, paths["last.pt"], is_main)
             log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
                 f"saved {paths['last.pt']}; continue with --resume auto")
             if world_size > 1:
                 dist.barrier()
             raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
-        line = end_epoch(trainer, progress, sums, log)
+        progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+        if not evaluation_due(cfg, progress, sums):
+            partial = sums  # the next metrics line covers this epoch too
+            continue
+        line = end_interval(trainer, progress, sums, log)
         partial = new_epoch_sums()
-        save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
+        ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
         saved = True
         if is_main:
             if line["val_loss"] < best_val:
@@ -488,7 +488,7 @@ def run(cfg, rank, world_size, device):
         if world_size > 1:
             dist.barrier()
     if not saved and resume_path != paths["last.pt"]:  # a budget spent, or a finished run resumed elsewhere
-        save_checkpoint(trainer, progress, partial, paths["last.pt"], is_main)
+        ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
     if writer:
         writer.close()
     final = paths["best.pt"] if os.path.isfile(paths["best.pt"]) else paths["last.pt"]

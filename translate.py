@@ -71,7 +71,8 @@ def score(hypotheses, references):
     from torchmetrics.functional.text import char_error_rate, word_error_rate
     return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
             "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-            "cer": float(char_error_rate(hypotheses, references)), "wer": float(word_error_rate(hypotheses, references))}
+            "cer": float(char_error_rate(hypotheses, references)),
+            "wer": float(word_error_rate(hypotheses, references))}
 
 
 def read_stdin_lines():
@@ -97,7 +98,8 @@ def main(argv=None):
     parser.add_argument("--max_tokens", type=int, default=6000, help="source tokens (x beam) decoded per batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     parser.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "off"),
-                        help="autocast dtype; auto: fp16 on CUDA, bf16 on CPUs with bf16 matrix units, else fp32")
+                        help="autocast dtype; auto: as train.py (bf16, else fp16, on CUDA; the faster of bf16 and "
+                             "fp32 on a CPU)")
     parser.add_argument("--eval", metavar="FILE", help="score translations of a .jsonl (opus_books rows) or .tsv "
                                                        "(source<TAB>reference) file with sacrebleu; prints JSON")
     parser.add_argument("texts", nargs="*", help="sentences to translate (default: one per line of stdin)")

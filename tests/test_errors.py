@@ -215,8 +215,10 @@ def test_a_hand_edited_checkpoint_is_one_line(checkpoint, tmp_path, edit, messag
     assert_one_line_error(run_script("translate.py", "--checkpoint", str(tmp_path / "edited.pt"), "Hello."), message)
 
 
-@pytest.mark.parametrize("flags, message", [(["--max_len_a", "-1"], "--max_len_a must be a finite number, not negative"),
-                                            (["--length_penalty", "nan", "--beam", "4"], "--length_penalty must be")])
+@pytest.mark.parametrize("flags, message", [
+    (["--max_len_a", "-1"], "--max_len_a must be a finite number, not negative"),
+    (["--length_penalty", "nan", "--beam", "4"], "--length_penalty must be"),
+])
 def test_translate_refuses_length_options_that_would_empty_its_output(checkpoint, flags, message):
     assert_one_line_error(run_script("translate.py", "--checkpoint", checkpoint, *flags, "Hello."), message)
 
