@@ -33,7 +33,7 @@ import dataset
 import runtime
 import train
 from config import Config
-from model import translate
+from model import int8_linear_layers, translate
 from translate import load_translator
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -81,13 +81,20 @@ def attention_kernels(model, batch, precision, cfg, pad_id):
                    if event.key.startswith("aten::_") and ("attention" in event.key or "flash" in event.key)})
 
 
-def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
-    """Train for `seconds` through train.py's own loop and count real and padded tokens. Returns the result dict
-    and the trained model. Every variant starts from the same weights: build_trainer seeds them with --seed."""
+def bench_trainer(cfg, data, device):
+    """train.py's own trainer for this config, every variant from the same weights (seeded by --seed), with a
+    schedule long enough for any benchmark (the run's own would end after --epochs)."""
     precision = (device, runtime.amp_dtype(cfg.amp, device))
     trainer, _ = train.build_trainer(cfg, data, None, 0, 1, precision, log=lambda message: None)
-    # the run's own schedule would end after --epochs; the benchmark may take more steps than that
     trainer.schedule = train.Schedule(train.make_scheduler(cfg, trainer.optimizer, 1_000_000))
+    return trainer
+
+
+def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
+    """Train for `seconds` through train.py's own loop and count real and padded tokens. Returns the result dict
+    and the trained model."""
+    trainer = bench_trainer(cfg, data, device)
+    precision = trainer.precision
     pad_id, pad_multiple = data.ids["pad"], runtime.pad_multiple(cfg, device)
     sampler = trainer.sampler
     pack_length = cfg.pack_length if cfg.batching == "packed" else 0
@@ -132,9 +139,7 @@ def profile_steps(cfg, data, device, steps):
     """torch.profiler over `steps` default training steps (after a few untimed ones): wall ms per step, and on
     CUDA the GPU-kernel ms per step, the share of the wall time the GPU is busy, and kernel launches per step."""
     from torch.profiler import ProfilerActivity, profile
-    precision = (device, runtime.amp_dtype(cfg.amp, device))
-    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, precision, log=lambda message: None)
-    trainer.schedule = train.Schedule(train.make_scheduler(cfg, trainer.optimizer, 1_000_000))
+    trainer = bench_trainer(cfg, data, device)
     collate = dataset.make_collate(data.ids["pad"], runtime.pad_multiple(cfg, device), None,
                                    cfg.pack_length if cfg.batching == "packed" else 0)
     batches = [collate([data.train[i] for i in indices]) for indices in itertools.islice(endless(trainer.sampler),
@@ -160,11 +165,12 @@ def profile_steps(cfg, data, device, steps):
     return result
 
 
-def decoding_speeds(model, sources, ids, cfg, beam, precision):
-    """Sentences and output tokens per second: greedy without and with the cache, and beam search."""
+def decoding_speeds(model, sources, ids, cfg, beam, precision, uncached=True):
+    """Sentences and output tokens per second: greedy without (unless not `uncached`) and with the cache, and
+    beam search."""
     results = {}
-    for name, options in [("greedy_no_cache", dict(use_cache=False)), ("greedy_cache", dict()),
-                          (f"beam{beam}", dict(beam=beam, alpha=cfg.length_penalty))]:
+    modes = [("greedy_cache", dict()), (f"beam{beam}", dict(beam=beam, alpha=cfg.length_penalty))]
+    for name, options in [("greedy_no_cache", dict(use_cache=False))] * uncached + modes:
         started = time.perf_counter()
         with runtime.autocast(*precision):
             outputs = translate(model, sources, ids["sos"], ids["eos"], max_len_a=cfg.max_len_a,
@@ -174,7 +180,9 @@ def decoding_speeds(model, sources, ids, cfg, beam, precision):
         results[f"{name}_sentences_per_sec"] = len(sources) / seconds
         results[f"{name}_tokens_per_sec"] = sum(len(output) + 1 for output in outputs) / seconds
         log(f"decoding {name}: {results[f'{name}_sentences_per_sec']:.1f} sentences/s")
-    results["cache_speedup"] = results["greedy_cache_sentences_per_sec"] / results["greedy_no_cache_sentences_per_sec"]
+    if uncached:
+        results["cache_speedup"] = (results["greedy_cache_sentences_per_sec"] /
+                                    results["greedy_no_cache_sentences_per_sec"])
     results["sentences"] = len(sources)
     results["precision"] = PRECISION_NAMES[precision[1]]
     return results
@@ -239,8 +247,16 @@ def main(argv=None):
         sources = dataset.encode(src_tokenizer, [source for source, _ in data.val_pairs[:args.decode_sentences]])
         ids = dataset.special_ids(tgt_tokenizer)
         report["decoding_checkpoint"] = args.decode_checkpoint
-    report["decoding"] = decoding_speeds(model.eval(), sources, ids, cfg, args.decode_beam,
+    model.eval()
+    report["decoding"] = decoding_speeds(model, sources, ids, cfg, args.decode_beam,
                                          (device, runtime.amp_dtype(cfg.amp, device)))
+    # every precision translate.py offers here: --amp off / bf16 / fp16, and --int8 on a CPU
+    offered = {"fp32": (model, None), "bf16": (model, torch.bfloat16)}
+    offered.update({"fp16": (model, torch.float16)} if device.type == "cuda" else
+                   {"int8": (int8_linear_layers(model), None)})
+    report["decoding_by_precision"] = {
+        name: decoding_speeds(variant, sources, ids, cfg, args.decode_beam, (device, dtype), uncached=False)
+        for name, (variant, dtype) in offered.items()}
     print(json.dumps(report, indent=2))
 
 

@@ -371,6 +371,16 @@ def beam_search(model, src, sos_id, eos_id, beam=4, alpha=0.6, max_len_a=1.2, ma
     return [_strip(row[:limit], eos_id) for row, limit in zip(best.tolist(), limits.tolist())]
 
 
+def int8_linear_layers(model):
+    """A copy of the model for CPU inference whose Linear layers hold int8 weights and quantize their inputs
+    on the fly (dynamic quantization, as CTranslate2 and Marian serve on CPUs); it runs in fp32 otherwise."""
+    import warnings
+    from torch.ao.quantization import quantize_dynamic
+    with warnings.catch_warnings():  # PyTorch announces a move of quantization to torchao; the API still works
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
 def translate(model, sources, sos_id, eos_id, beam=1, alpha=0.6, max_len_a=1.2, max_len_b=10, max_len=0,
               max_tokens=6000, use_cache=True):
     """Translate token-id lists (no specials; EOS is appended as in training), returning token-id lists in

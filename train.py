@@ -3,8 +3,8 @@
 Multi-GPU: `torchrun --nproc_per_node=N train.py ...`. Resume: `--resume auto`.
 
 Read top to bottom, this file is the outline of a run: the step, the schedule bookkeeping, the one training
-loop, evaluation, the epoch loop and main(). Public API for bench.py and gpu_check.py: `build_trainer`,
-`training_steps` (the one loop), `compute_loss`, `Trainer`.
+loop, evaluation, the epoch loop and main(). Public API for bench.py: `build_trainer`, `Trainer`,
+`training_steps` (the one loop), `compute_loss`, `Schedule`, `make_scheduler`.
 """
 import contextlib
 import dataclasses

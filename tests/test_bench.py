@@ -31,6 +31,7 @@ def test_bench_prints_one_json_object_with_every_variant():
     pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
     assert pads["fixed"] > pads["dynamic"] > max(pads["bucketed"], pads["packed"])
     assert report["profile"]["steps"] == 2 and report["profile"]["wall_ms_per_step"] > 0
+    assert set(report["decoding_by_precision"]) == {"fp32", "bf16", "int8"}
     assert {"greedy_no_cache_sentences_per_sec", "greedy_cache_sentences_per_sec", "beam4_sentences_per_sec"} <= \
         set(report["decoding"])
 

@@ -252,3 +252,41 @@ def test_a_deeply_nested_json_line_is_one_line_of_error(tmp_path):
     path = write(tmp_path / "deep.jsonl", '{"translation": {"en": "Hi.", "fr": "Salut."}}\n' + "[" * 200_000 + "\n")
     with pytest.raises(SystemExit, match="deep.jsonl:2: malformed JSON"):
         dataset.read_pairs([path], "en", "fr")
+
+
+def loop_collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0):
+    """The sentence-by-sentence collate that the vectorised one replaced: the reference it must equal."""
+    rows, src_len, tgt_len = dataset.batch_layout([(len(s), len(t)) for s, _, t in examples], pad_multiple,
+                                                  fixed_lengths, pack_length)
+
+    def pad(side, length, segments=False):
+        batch = torch.full((len(rows), length), 0 if segments else pad_id, dtype=torch.long)
+        for r, row in enumerate(rows):
+            column = 0
+            for number, i in enumerate(row, 1):
+                sequence = examples[i][side]
+                batch[r, column:column + len(sequence)] = number if segments else sequence
+                column += len(sequence)
+        return batch
+
+    batch = {"src": pad(0, src_len), "tgt_in": pad(1, tgt_len), "labels": pad(2, tgt_len)}
+    if pack_length:
+        batch["src_segments"], batch["tgt_segments"] = pad(0, src_len, segments=True), pad(2, tgt_len, segments=True)
+    return batch
+
+
+@pytest.mark.parametrize("options", [{}, {"pad_multiple": 8}, {"pack_length": 64, "pad_multiple": 8},
+                                     {"pack_length": 10}, {"fixed_lengths": (70, 70)}])
+def test_vectorised_collate_equals_the_sentence_by_sentence_one(options):
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        examples = []
+        for _ in range(int(torch.randint(1, 40, (), generator=generator))):
+            source_length, target_length = torch.randint(1, 60, (2,), generator=generator).tolist()
+            target = torch.randint(4, 100, (target_length,), generator=generator)
+            examples.append((torch.randint(4, 100, (source_length,), generator=generator),
+                             torch.cat([torch.tensor([2]), target[:-1]]), target))
+        expected, batch = loop_collate(examples, 0, **options), dataset.collate(examples, 0, **options)
+        assert batch.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(batch[key], value), (trial, key)

@@ -141,3 +141,21 @@ def test_bf16_greedy_decoding_agrees_with_fp32():
         bf16 = greedy_search(model, src, SOS, EOS)
     assert sum(a != b for a, b in zip(fp32, bf16)) <= 1
     assert sum(a == row[row != PAD][:-1].tolist() for a, row in zip(fp32, tgt)) >= 12  # it did learn the pairs
+
+
+def test_int8_linear_layers_compute_nearly_the_fp32_logits():
+    """Dynamic int8 quantization changes the logits by rounding only (the README measures BLEU on real text)."""
+    from model import int8_linear_layers
+    model = trained_ish_model("cycle_rev", 4, 2)
+    quantized = int8_linear_layers(model)
+    assert not any(isinstance(module, torch.nn.Linear) for module in quantized.modules())
+    assert isinstance(model.output, torch.nn.Linear)  # the original model is left as it was
+    with torch.no_grad():
+        exact, rounded = model(SOURCES, SOURCES[:, :6]), quantized(SOURCES, SOURCES[:, :6])
+    assert (exact - rounded).abs().max() < 0.05 * exact.abs().max()
+    assert (exact.argmax(-1) == rounded.argmax(-1)).float().mean() > 0.9
+
+
+def test_translate_int8_flag(checkpoint, tmp_path):
+    result = run_script("translate.py", "--checkpoint", checkpoint, "--int8", "I am tired.", "Go.")
+    assert result.returncode == 0 and len(result.stdout.split("\n")) == 3 and not result.stderr, result.stderr
