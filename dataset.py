@@ -398,21 +398,34 @@ def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
                                 shuffle, cfg.seed, rank, world_size, cfg.bucket_pool)
 
 
-def make_loader(data_set, sampler, cfg, pad_id, pad_multiple, workers, pin_memory):
+def load_batches(data_set, sampler, cfg, pad_id, pad_multiple, workers, pin_memory):
+    """An iterator over the sampler's collated batches, made in `workers` loader processes (0: in this one).
+
+    Only the main process decides when to stop: Ctrl-C or SIGTERM sent to the whole process group would
+    otherwise kill the workers, and PyTorch would then raise in the main process wherever it was instead of
+    letting it save. So the workers start with both signals blocked (a fork inherits the mask, not the
+    signals pending), ignore them, then unblock them; the main process gets them once its workers are up."""
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0
     collate = make_collate(pad_id, pad_multiple, None, pack_length)
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
-    return torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=workers,
-                                       collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator(),
-                                       worker_init_fn=_leave_stopping_to_the_main_process)
+    loader = torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
+                                         pin_memory=pin_memory, generator=torch.Generator(),
+                                         worker_init_fn=_leave_stopping_to_the_main_process)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _leave_stopping_to_the_main_process(worker_id):
-    """Loader workers ignore Ctrl-C and SIGTERM. Sent to the whole process group, they would kill the workers,
-    and PyTorch would then raise in the main process wherever it was, instead of letting it save and exit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @dataclasses.dataclass

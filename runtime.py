@@ -1,4 +1,5 @@
-"""Where and how the numbers run: device and process group, precision, autocast, peak FLOP/s, synchronisation.
+"""Where and how the numbers run: device and process group, precision, autocast, peak FLOP/s, synchronisation,
+loader workers and stop signals.
 
 Knows nothing about the data or the training loop.
 """

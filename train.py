@@ -149,10 +149,11 @@ def evaluate(model, data, cfg, precision):
     device, dtype = precision
     model.eval()
     pad_id = data.ids["pad"]
-    loader = dataset.make_loader(data.val, dataset.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg, pad_id,
-                                 pad_multiple(cfg, device), loader_workers(cfg, device), device.type == "cuda")
+    batches = dataset.load_batches(data.val, dataset.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg,
+                                   pad_id, pad_multiple(cfg, device), loader_workers(cfg, device),
+                                   device.type == "cuda")
     loss_sum, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    for batch in loader:
+    for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, dtype):
             logits = model(batch["src"], batch["tgt_in"])
@@ -292,8 +293,8 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     cfg, (device, _), is_main = trainer.cfg, trainer.precision, trainer.rank == 0
     pad_id = trainer.data.ids["pad"]
     trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-    loader = dataset.make_loader(trainer.data.train, trainer.sampler, cfg, pad_id, pad_multiple(cfg, device),
-                                 loader_workers(cfg, device), device.type == "cuda")
+    batches = dataset.load_batches(trainer.data.train, trainer.sampler, cfg, pad_id, pad_multiple(cfg, device),
+                                   loader_workers(cfg, device), device.type == "cuda")
     loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
     n_tokens = torch.tensor(sums["tokens"], device=device)
     real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
@@ -302,7 +303,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
                         desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
     interrupted, lr = False, 0.0
     patience = cfg.nan_patience + (FP16_SCALE_HALVINGS if trainer.scaler.is_enabled() else 0)
-    steps = training_steps(trainer, loader) if progress.step < progress.total_steps else ()
+    steps = training_steps(trainer, batches) if progress.step < progress.total_steps else ()
     for group, step_loss, step_tokens, verdicts, lr in steps:
         real_tokens += sum(int((b["src"] != pad_id).sum() + (b["labels"] != pad_id).sum()) for b in group)
         loss_sum += step_loss

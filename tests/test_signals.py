@@ -13,13 +13,20 @@ import torch
 
 from conftest import ROOT, tiny_args
 
-# train.py with markers on stdout at every step and evaluation, and slower steps and loader work, so that a
-# signal surely lands while the workers are alive; the sleeps change no number the run computes.
+# train.py with markers on stdout at every step, evaluation and loader-worker start, and slower steps, loader
+# work and worker starts, so that a signal surely lands while the workers work, or while they start (before they
+# could set their own signal handling); the sleeps change no number the run computes.
 DRIVER = """
 import sys, time
 sys.path.insert(0, {root!r})
 import dataset, train
 real_step, real_evaluate, real_collate = train.train_step, train.evaluate, dataset.collate
+real_start = dataset._leave_stopping_to_the_main_process
+
+def start(worker_id):
+    print("WORKER", flush=True)
+    time.sleep(0.3)
+    real_start(worker_id)
 
 def step(*args, **kwargs):
     result = real_step(*args, **kwargs)
@@ -36,6 +43,7 @@ def collate(*args, **kwargs):
     return real_collate(*args, **kwargs)
 
 train.train_step, train.evaluate, dataset.collate = step, evaluate, collate
+dataset._leave_stopping_to_the_main_process = start
 train.main(sys.argv[1:])
 """
 ARGS = ("--epochs", "2", "--dropout", "0.2", "--num_workers", "2")
@@ -56,7 +64,7 @@ def read_metrics(run_dir):
 def uninterrupted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
     process = start(run_dir)
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     return read_metrics(run_dir)
 
@@ -65,23 +73,24 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]], ids=["sigterm", "2xsigint"])
 def test_a_stop_sent_to_the_process_group_saves_and_resumes_exactly(tmp_path, uninterrupted, when, signals):
     process = start(tmp_path)
-    marker, seen = ("STEP", 3) if when == "training" else ("EVAL", 1), 0
+    markers = ["STEP"] * 3 if when == "training" else ["EVAL", "WORKER"]  # the evaluation's workers starting
     for line in process.stdout:
-        seen += line.strip() == marker[0]
-        if seen == marker[1]:
+        if markers and line.strip() == markers[0]:
+            markers.pop(0)
+        if not markers:
             break
     for i, signum in enumerate(signals):
         if i:
             time.sleep(0.05)
         os.killpg(process.pid, signum)
-    out, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signals[0], err
     assert "Traceback" not in err and "Error" not in err, err
     assert "continue with --resume auto" in out
     stopped = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (stopped["batch_in_epoch"] > 0) == (when == "training")  # mid-epoch, or the evaluated epoch's end
     resumed = start(tmp_path, "--resume", "auto")
-    _, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=120)
     assert resumed.returncode == 0, err
     lines = read_metrics(tmp_path)
     assert [line["step"] for line in lines] == [line["step"] for line in uninterrupted]
