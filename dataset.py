@@ -10,13 +10,13 @@ import math
 import os
 import random
 import re
-import signal
 from functools import partial
 
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import runtime
 from config import BATCHINGS
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
@@ -267,28 +267,26 @@ def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0)
     number = torch.arange(len(order)) - first_of_row.repeat_interleave(sentences_per_row) + 1
 
     def place(side):
-        """(row, column) of every token of this side, in the order of torch.cat over `order`."""
+        """(rows, columns) of every token of this side, in the order of torch.cat over `order`; and lengths."""
         lengths = torch.tensor([len(examples[i][side]) for i in order])
-        ends = lengths.cumsum(0)
-        starts = ends - lengths  # of each sentence in the flat tensor
-        column_of_sentence = starts - starts[first_of_row].repeat_interleave(sentences_per_row)
-        within = torch.arange(int(ends[-1])) - starts.repeat_interleave(lengths)
-        return row_of_sentence.repeat_interleave(lengths), column_of_sentence.repeat_interleave(lengths) + within, \
-            lengths
+        starts = lengths.cumsum(0) - lengths  # of each sentence in the flat tensor
+        columns = starts - starts[first_of_row].repeat_interleave(sentences_per_row)
+        within = torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+        return (row_of_sentence.repeat_interleave(lengths), columns.repeat_interleave(lengths) + within), lengths
 
     def scatter(values, where, width, fill):
         batch = torch.full((len(rows), width), fill, dtype=torch.long)
-        batch[where[0], where[1]] = values
+        batch[where] = values
         return batch
 
-    src_where, tgt_where = place(0), place(2)
+    (src_where, src_lengths), (tgt_where, tgt_lengths) = place(0), place(2)
     flat = [torch.cat([examples[i][side] for i in order]) for side in range(3)]
     batch = {"src": scatter(flat[0], src_where, src_len, pad_id),
              "tgt_in": scatter(flat[1], tgt_where, tgt_len, pad_id),
              "labels": scatter(flat[2], tgt_where, tgt_len, pad_id)}
     if pack_length:
-        batch["src_segments"] = scatter(number.repeat_interleave(src_where[2]), src_where, src_len, 0)
-        batch["tgt_segments"] = scatter(number.repeat_interleave(tgt_where[2]), tgt_where, tgt_len, 0)
+        batch["src_segments"] = scatter(number.repeat_interleave(src_lengths), src_where, src_len, 0)
+        batch["tgt_segments"] = scatter(number.repeat_interleave(tgt_lengths), tgt_where, tgt_len, 0)
     return batch
 
 
@@ -399,33 +397,15 @@ def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
 
 
 def load_batches(data_set, sampler, cfg, pad_id, pad_multiple, workers, pin_memory):
-    """An iterator over the sampler's collated batches, made in `workers` loader processes (0: in this one).
-
-    Only the main process decides when to stop: Ctrl-C or SIGTERM sent to the whole process group would
-    otherwise kill the workers, and PyTorch would then raise in the main process wherever it was instead of
-    letting it save. So the workers start with both signals blocked (a fork inherits the mask, not the
-    signals pending), ignore them, then unblock them; the main process gets them once its workers are up."""
+    """An iterator over the sampler's collated batches, made in `workers` loader processes (0: in this one),
+    which leave stop signals to the main process (see runtime.start_loader)."""
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0
     collate = make_collate(pad_id, pad_multiple, None, pack_length)
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
-    loader = torch.utils.data.DataLoader(data_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                                         pin_memory=pin_memory, generator=torch.Generator(),
-                                         worker_init_fn=_leave_stopping_to_the_main_process)
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def _leave_stopping_to_the_main_process(worker_id):
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return runtime.start_loader(torch.utils.data.DataLoader(
+        data_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        generator=torch.Generator(), worker_init_fn=runtime.leave_stopping_to_the_main_process))
 
 
 @dataclasses.dataclass
@@ -475,8 +455,8 @@ def prepare_data(cfg, tokenizers=None, log=print):
 
 
 def prepare_shared_data(cfg, tokenizers, is_main, world_size, log):
-    """prepare_data in every process of a run: rank 0 trains the tokenizers (unless given them, from a
-    checkpoint) and the others receive them, so that every rank encodes with the very same."""
+    """prepare_data in every process: rank 0 trains the tokenizers (unless given a checkpoint's), the others
+    receive them, so that every rank encodes with the very same."""
     if tokenizers or is_main:
         data = prepare_data(cfg, tokenizers, log)
     if world_size > 1 and not tokenizers:
@@ -489,10 +469,7 @@ def prepare_shared_data(cfg, tokenizers, is_main, world_size, log):
 
 def fingerprint(pairs):
     """A digest of the pairs' text: a resumed run checks that its data is still what it trained on."""
-    digest = hashlib.sha256()
-    for source, target in pairs:
-        digest.update(f"{source}\t{target}\n".encode())
-    return digest.hexdigest()
+    return hashlib.sha256("".join(f"{source}\t{target}\n" for source, target in pairs).encode()).hexdigest()
 
 
 def without_validation_pairs(train_pairs, val_pairs, log):

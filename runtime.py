@@ -118,3 +118,26 @@ def catch_stop_signals(repeat_grace_seconds=2.0):
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     return stop_signal
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def start_loader(loader):
+    """iter(loader), its worker processes forked with the stop signals blocked. Only the main process decides
+    when to stop: Ctrl-C or SIGTERM sent to the whole process group would otherwise kill the workers, and
+    PyTorch would then raise in the main process wherever it was instead of letting it save. A fork inherits
+    the mask but not the signals pending, so a worker is never hit before it ignores them; the main process
+    gets a signal sent meanwhile once its workers are up."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def leave_stopping_to_the_main_process(worker_id):
+    """A loader worker's first act: ignore the stop signals, then unblock them (see start_loader)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

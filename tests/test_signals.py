@@ -19,9 +19,9 @@ from conftest import ROOT, tiny_args
 DRIVER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import dataset, train
+import dataset, runtime, train
 real_step, real_evaluate, real_collate = train.train_step, train.evaluate, dataset.collate
-real_start = dataset._leave_stopping_to_the_main_process
+real_start = runtime.leave_stopping_to_the_main_process
 
 def start(worker_id):
     print("WORKER", flush=True)
@@ -43,7 +43,7 @@ def collate(*args, **kwargs):
     return real_collate(*args, **kwargs)
 
 train.train_step, train.evaluate, dataset.collate = step, evaluate, collate
-dataset._leave_stopping_to_the_main_process = start
+runtime.leave_stopping_to_the_main_process = start
 train.main(sys.argv[1:])
 """
 ARGS = ("--epochs", "2", "--dropout", "0.2", "--num_workers", "2")
