@@ -396,15 +396,16 @@ def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
                                 shuffle, cfg.seed, rank, world_size, cfg.bucket_pool)
 
 
-def load_batches(data_set, sampler, cfg, pad_id, pad_multiple, workers, pin_memory):
-    """An iterator over the sampler's collated batches, made in `workers` loader processes (0: in this one),
-    which leave stop signals to the main process (see runtime.start_loader)."""
+def load_batches(data_set, sampler, cfg, pad_id, device):
+    """An iterator over the sampler's collated batches for `device`, made in loader processes (see
+    runtime.loader_workers) that leave stop signals to the main process (see runtime.start_loader)."""
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0
-    collate = make_collate(pad_id, pad_multiple, None, pack_length)
+    collate = make_collate(pad_id, runtime.pad_multiple(cfg, device), None, pack_length)
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
     return runtime.start_loader(torch.utils.data.DataLoader(
-        data_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+        data_set, batch_sampler=sampler, num_workers=runtime.loader_workers(cfg, device), collate_fn=collate,
+        pin_memory=device.type == "cuda",
         generator=torch.Generator(), worker_init_fn=runtime.leave_stopping_to_the_main_process))
 
 

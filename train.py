@@ -23,8 +23,8 @@ import dataset
 from config import MODEL_FIELDS, Config
 from model import Transformer, translate
 from translate import score
-from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_signals, loader_workers,
-                     pad_multiple, peak_flops, setup_distributed, synchronize)
+from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_signals, peak_flops,
+                     setup_distributed, synchronize)
 
 CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
 clock = time.perf_counter  # every duration train.py measures; tests inject their own
@@ -108,17 +108,18 @@ def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     verdicts = [schedule.settle()]
     lr = optimizer.param_groups[0]["lr"]
+    finite = torch.isfinite(grad_norm)
     if scaler.is_enabled():
         scaler.step(optimizer)  # fused AdamW skips a non-finite step on the device, without a host sync
         scaler.update()
-        verdicts.append(schedule.record(torch.isfinite(grad_norm)))
+        verdicts.append(schedule.record(finite))
     elif device.type == "cuda":  # the same device-side skip without a scaler: no step waits for the GPU
-        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.found_inf = (~finite).float()
         optimizer.step()
         del optimizer.found_inf
-        verdicts.append(schedule.record(torch.isfinite(grad_norm)))
+        verdicts.append(schedule.record(finite))
     else:
-        stepped = bool(torch.isfinite(grad_norm))
+        stepped = bool(finite)
         if stepped:
             optimizer.step()
         verdicts.append(schedule.record(stepped))
@@ -150,8 +151,7 @@ def evaluate(model, data, cfg, precision):
     model.eval()
     pad_id = data.ids["pad"]
     batches = dataset.load_batches(data.val, dataset.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg,
-                                   pad_id, pad_multiple(cfg, device), loader_workers(cfg, device),
-                                   device.type == "cuda")
+                                   pad_id, device)
     loss_sum, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -293,8 +293,7 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     cfg, (device, _), is_main = trainer.cfg, trainer.precision, trainer.rank == 0
     pad_id = trainer.data.ids["pad"]
     trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-    batches = dataset.load_batches(trainer.data.train, trainer.sampler, cfg, pad_id, pad_multiple(cfg, device),
-                                   loader_workers(cfg, device), device.type == "cuda")
+    batches = dataset.load_batches(trainer.data.train, trainer.sampler, cfg, pad_id, device)
     loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
     n_tokens = torch.tensor(sums["tokens"], device=device)
     real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
@@ -488,7 +487,7 @@ def run(cfg, rank, world_size, device):
             writer.flush()
         if world_size > 1:
             dist.barrier()
-    if not saved and resume_path != paths["last.pt"]:  # a budget spent, or a finished run resumed elsewhere
+    if not saved and resume_path != paths["last.pt"]:  # a finished run resumed into another --run_dir
         ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
     if writer:
         writer.close()
