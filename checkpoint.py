@@ -22,6 +22,8 @@ from config import Config
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "log_every", "pad_multiple",
                      "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b", "eval_every_minutes"}
+# A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
+PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 
@@ -119,8 +121,9 @@ def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
 
 
 def config_of(checkpoint, path):
-    """The checkpoint's config, checked as a run's flags are (fields it predates take today's defaults): a
-    hand-edited or damaged one stops with one line instead of a traceback deep in the model."""
+    """The checkpoint's config, checked as a run's flags are (fields it predates take PREDATED_FIELDS' values, or
+    else today's defaults): a hand-edited or damaged one stops with one line instead of a traceback deep in the
+    model."""
     saved = checkpoint["config"]
     needed = ("tokenizer", "lang_src", "lang_tgt", "d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers",
               "share", "tie_embeddings")
@@ -130,7 +133,7 @@ def config_of(checkpoint, path):
                          "damaged")
     known = {field.name for field in dataclasses.fields(Config)}
     try:
-        config = Config(**{name: value for name, value in saved.items() if name in known})
+        config = Config(**{**PREDATED_FIELDS, **{name: value for name, value in saved.items() if name in known}})
         config.validate()
     except (TypeError, ValueError) as error:
         raise SystemExit(f"error: {path}: its config is not valid ({error}); the checkpoint was edited or is "
@@ -193,7 +196,7 @@ def saved_step(path):
 
 
 def check_resumable(checkpoint, cfg, path, world_size):
-    saved = checkpoint["config"]
+    saved = {**PREDATED_FIELDS, **checkpoint["config"]}
     for name, value in dataclasses.asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
             raise SystemExit(f"error: {path} was trained with --{name} {saved.get(name)} but this run has --{name} "
@@ -205,9 +208,14 @@ def check_resumable(checkpoint, cfg, path, world_size):
                          "--nproc_per_node) because each process's data shard and the schedule length depend on it")
 
 
-def restore(checkpoint, rank, model, optimizer, scheduler, scaler):
-    """Load a checkpoint's training state, also on another device or precision than it was written on."""
-    model.load_state_dict(checkpoint["model"])
+def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None):
+    """Load a checkpoint's training state, also on another device or precision than it was written on.
+    With --ema_decay, "model" holds the averaged weights (those that translate) and "training_model" the
+    trained ones."""
+    model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
+    if average is not None:
+        average.module.load_state_dict(checkpoint["model"])
+        average.n_averaged.fill_(checkpoint["ema_updates"])
     # load_state_dict copies the saved group options too; keep this run's kernel choice (fused on CUDA/CPU)
     kernel_options = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -241,7 +249,10 @@ def restore_rng(state):
 def save(trainer, progress, sums, path, is_main):
     """Gather every rank's RNG state and running sums (a collective), then rank 0 writes a self-contained
     checkpoint of the run that `trainer` (train.Trainer) trains."""
-    state = {"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+    averaged = {} if trainer.average is None else {"training_model": trainer.model.state_dict(),
+                                                   "ema_updates": int(trainer.average.n_averaged)}
+    state = {"model": trainer.translator.state_dict(), **averaged,
+             "optimizer": trainer.optimizer.state_dict(),
              "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
              **dataclasses.asdict(progress),
              "ranks": rank_states(trainer.world_size, trainer.precision[0], sums),

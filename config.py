@@ -15,8 +15,8 @@ DEVICES = ("auto", "cuda", "cpu")
 BATCHINGS = ("packed", "bucketed", "random")
 ANNEAL_STRATEGIES = ("cos", "linear")
 # The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
-MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "share", "tie_embeddings", "dropout",
-                "attn_dropout", "max_positions")
+MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_decoder_layers", "n_unique_layers", "share",
+                "tie_embeddings", "dropout", "attn_dropout", "max_positions")
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Config:
     d_model: int = 512  # width of embeddings and residual stream
     n_heads: int = 8  # attention heads; must divide d_model
     d_ff: int = 128  # hidden width of the feed-forward sublayer
-    n_layers: int = 6  # layers in the encoder and in the decoder
-    n_unique_layers: int = 3  # distinct blocks those layers are drawn from (ignored when share=none)
+    n_layers: int = 6  # layers in the encoder (and in the decoder, unless n_decoder_layers says otherwise)
+    n_decoder_layers: int = 2  # layers in the decoder (0 = n_layers): a shallow one decodes and trains faster
+    n_unique_layers: int = 3  # distinct blocks each stack's layers are drawn from (ignored when share=none)
     share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
     tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)
     dropout: float = 0.0  # dropout on embeddings, residual branches and the feed-forward hidden layer
@@ -63,6 +64,7 @@ class Config:
     final_div_factor: float = 10.0  # final lr = initial lr / final_div_factor
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
+    ema_decay: float = 0.0  # evaluate and save an exponential moving average of the weights (0 = off: the raw ones)
     nan_patience: int = 3  # stop after this many consecutive steps with a non-finite loss
     # system
     amp: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: bf16 where measured faster than fp32), fp16, bf16, off
@@ -106,9 +108,9 @@ class Config:
                      "bucket_pool", "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
         require(self.num_workers >= -1, f"--num_workers must be -1 (auto) or more (got {self.num_workers})")
-        for name in ("max_steps", "max_minutes", "eval_every_minutes", "max_tokens", "max_len_diff", "n_eval_sentences",
-                     "grad_clip", "dropout", "attn_dropout", "weight_decay", "label_smoothing", "length_penalty",
-                     "max_len_a", "max_len_b", "pad_multiple"):
+        for name in ("n_decoder_layers", "max_steps", "max_minutes", "eval_every_minutes", "max_tokens", "max_len_diff",
+                     "n_eval_sentences", "grad_clip", "ema_decay", "dropout", "attn_dropout", "weight_decay",
+                     "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % self.n_heads == 0,
                 f"n_heads must divide d_model (got {self.d_model} and {self.n_heads})")
@@ -122,6 +124,7 @@ class Config:
         require(0 < self.val_fraction < 1, f"--val_fraction must be between 0 and 1 (got {self.val_fraction})")
         require(self.dropout < 1 and self.attn_dropout < 1, "--dropout and --attn_dropout must be below 1")
         require(self.max_len_a > 0 or self.max_len_b > 0, "--max_len_a or --max_len_b must be positive")
+        require(self.ema_decay < 1, f"--ema_decay must be below 1 (got {self.ema_decay})")
         require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")
         require(self.lr > 0, f"--lr must be positive (got {self.lr})")
         require(0 < self.pct_start < 1, f"--pct_start must be between 0 and 1 (got {self.pct_start})")

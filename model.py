@@ -33,22 +33,34 @@ class Attention(nn.Module):
         self.key_value = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def _split_heads(self, x):  # (B, T, D) -> (B, H, T, D/H)
-        return x.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
-
     def keys_values(self, source):
-        """(B, T, D) keys and values, heads not yet split: a decoder cache row is then one contiguous block."""
-        return self.key_value(source).chunk(2, dim=-1)
+        """Keys and values of source (B, T, D), each (B, H, T, D/H): heads split, as attention takes them."""
+        return self.key_value(source).unflatten(-1, (2, self.n_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
     def forward(self, x, key, value, mask=None, causal=False):
-        query, key, value = self._split_heads(self.query(x)), self._split_heads(key), self._split_heads(value)
-        # Training in bf16 on a CPU, PyTorch's fused attention is slower than plain matmul-softmax-matmul, whose
-        # matrix products use the CPU's bf16 units (measured: the default step took 255 instead of 376 ms)
-        slow_fused = query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled()
-        with sdpa_kernel(SDPBackend.MATH) if slow_fused else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
+        query = self.query(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+        if query.device.type == "cpu" and not torch.is_grad_enabled():
+            y = plain_attention(query, key, value, mask, causal)
+        else:
+            # Training in bf16 on a CPU, PyTorch's fused attention is slower than its matmul-softmax-matmul, whose
+            # matrix products use the CPU's bf16 units (measured: the default step took 255 instead of 376 ms)
+            slow_fused = query.device.type == "cpu" and query.dtype == torch.bfloat16
+            with sdpa_kernel(SDPBackend.MATH) if slow_fused else contextlib.nullcontext():
+                y = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal,
+                                                   dropout_p=self.attn_dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).flatten(2))
+
+
+def plain_attention(query, key, value, mask, causal):
+    """Softmax attention as two matrix products, for inference on a CPU: at decoding's shapes (one query per
+    sentence, a few dozen keys) PyTorch's fused CPU kernels took 2-4x as long (bench: 3.5 against 1.2 ms for
+    666 sentences x 9 keys in bf16). The softmax runs in fp32, as the fused kernels do."""
+    scores = query @ key.transpose(-1, -2) * query.size(-1) ** -0.5
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.float().softmax(-1).to(value.dtype) @ value
 
 
 class FeedForward(nn.Sequential):
@@ -77,27 +89,22 @@ class DecoderBlock(nn.Module):
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory, memory_mask, cache=None, self_mask=None, offset=0):
-        """With a cache (a dict owned by this layer position) x holds only the newest token, at position offset.
+    def forward(self, x, memory_keys_values, memory_mask, cache=None, self_mask=None, offset=0):
+        """memory_keys_values: cross_attn.keys_values(memory), which the model computes once per block. With a
+        cache (a dict owned by this layer position) x holds only the newest token, at position offset.
         self_mask (packed rows only) replaces plain causal masking."""
         h = self.self_attn_norm(x)
         key, value = self.self_attn.keys_values(h)
         if cache is not None:
             if "self_key" not in cache:  # preallocated once, then written in place: no copy of the past per token
-                shape = (key.size(0), cache["capacity"], key.size(2))
+                shape = (*key.shape[:2], cache["capacity"], key.size(3))
                 cache["self_key"], cache["self_value"] = key.new_empty(shape), value.new_empty(shape)
-            end = offset + key.size(1)
-            cache["self_key"][:, offset:end], cache["self_value"][:, offset:end] = key, value
-            key, value = cache["self_key"][:, :end], cache["self_value"][:, :end]
+            end = offset + key.size(2)
+            cache["self_key"][:, :, offset:end], cache["self_value"][:, :, offset:end] = key, value
+            key, value = cache["self_key"][:, :, :end], cache["self_value"][:, :, :end]
         # Right-padded targets need no key-padding mask: causality already hides later (pad) positions.
         x = x + self.dropout(self.self_attn(h, key, value, mask=self_mask, causal=cache is None and self_mask is None))
-        if cache is not None and "cross_key" in cache:
-            key, value = cache["cross_key"], cache["cross_value"]
-        else:
-            key, value = self.cross_attn.keys_values(memory)
-            if cache is not None:
-                cache["cross_key"], cache["cross_value"] = key, value
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), key, value, mask=memory_mask))
+        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *memory_keys_values, mask=memory_mask))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -129,7 +136,7 @@ def sinusoidal_positions(n_positions, d_model):
 class Transformer(nn.Module):
     def __init__(self, src_vocab_size, tgt_vocab_size, pad_id, d_model=512, n_heads=8, d_ff=2048, n_layers=6,
                  n_unique_layers=6, share="none", tie_embeddings=False, dropout=0.1, attn_dropout=0.0,
-                 max_positions=1024):
+                 max_positions=1024, n_decoder_layers=0):
         super().__init__()
         if tie_embeddings and src_vocab_size != tgt_vocab_size:
             raise ValueError("tied embeddings need one joint vocabulary")
@@ -141,13 +148,18 @@ class Transformer(nn.Module):
             self.output.weight = self.tgt_embed.weight
         self.register_buffer("positions", sinusoidal_positions(max_positions, d_model), persistent=False)
         self.embed_dropout = nn.Dropout(dropout)
+        # n_decoder_layers (0: as many as the encoder) below n_layers: a deep encoder and a shallow decoder
+        # (Kasai et al. 2021), whose decoder draws on at most as many blocks as it has layers.
+        n_decoder_layers = n_decoder_layers or n_layers
         self.layout = layer_layout(share, n_layers, n_unique_layers)
-        n_blocks = max(self.layout) + 1
-        encoder_blocks = [EncoderBlock(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_blocks)]
-        decoder_blocks = [DecoderBlock(d_model, n_heads, d_ff, dropout, attn_dropout) for _ in range(n_blocks)]
+        self.decoder_layout = layer_layout(share, n_decoder_layers, min(n_unique_layers, n_decoder_layers))
+        encoder_blocks = [EncoderBlock(d_model, n_heads, d_ff, dropout, attn_dropout)
+                          for _ in range(max(self.layout) + 1)]
+        decoder_blocks = [DecoderBlock(d_model, n_heads, d_ff, dropout, attn_dropout)
+                          for _ in range(max(self.decoder_layout) + 1)]
         # Shared positions hold the very same module objects, so they share parameters and gradients.
         self.encoder_layers = nn.ModuleList(encoder_blocks[i] for i in self.layout)
-        self.decoder_layers = nn.ModuleList(decoder_blocks[i] for i in self.layout)
+        self.decoder_layers = nn.ModuleList(decoder_blocks[i] for i in self.decoder_layout)
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self._init_weights()
 
@@ -172,11 +184,14 @@ class Transformer(nn.Module):
         the output projection, and attention scores within each sentence (causal self-attention counted half).
         Embedding lookups and the optimizer are left out, as in the usual model-FLOPs-utilisation count."""
         d, n, vocab = self.d_model, len(self.encoder_layers), self.output.out_features
+        n_decoder, n_decoder_blocks = len(self.decoder_layers), len(set(self.decoder_layers))
         d_ff = self.encoder_layers[0].ff[0].out_features
         multiply_adds, tokens = 0, 0
         for s, t in lengths:
             encoder = n * (s * (4 * d * d + 2 * d * d_ff) + 2 * s * s * d)
-            decoder = n * (t * (6 * d * d + 2 * d * d_ff) + s * 2 * d * d + t * t * d + 2 * t * s * d)
+            # the memory's keys and values are computed once per decoder block (see memory_keys_values)
+            decoder = (n_decoder * (t * (6 * d * d + 2 * d * d_ff) + t * t * d + 2 * t * s * d)
+                       + n_decoder_blocks * s * 2 * d * d)
             multiply_adds += encoder + decoder + t * d * vocab
             tokens += s + t
         return 6 * multiply_adds / tokens
@@ -203,16 +218,31 @@ class Transformer(nn.Module):
             x = layer(x, self_mask)
         return self.encoder_norm(x), src_mask
 
+    def memory_keys_values(self, memory):
+        """Cross-attention (keys, values) of the encoder memory for each decoder position. Positions that share
+        a block share the very same pair: computed once per block, in training and decoding alike."""
+        per_block = {block: block.cross_attn.keys_values(memory) for block in dict.fromkeys(self.decoder_layers)}
+        return [per_block[block] for block in self.decoder_layers]
+
     def decode(self, tgt_in, memory, memory_mask, cache=None, offset=0, tgt_segments=None):
-        """Logits (B, T, V) for decoder inputs tgt_in; with a cache (new_cache), tgt_in is the one token at offset.
+        """Logits (B, T, V) for decoder inputs tgt_in; with a cache (new_cache), tgt_in is the one token at offset,
+        and the memory's keys and values are computed at the first call only (select_rows keeps them in step).
         memory_mask: encode's key-padding mask, or for packed rows the (B, 1, T, S) sentence-to-sentence mask."""
         self_mask = None
         if tgt_segments is not None:
             causal = torch.ones(tgt_in.size(1), tgt_in.size(1), dtype=torch.bool, device=tgt_in.device).tril()
             self_mask = _same_segment(tgt_segments, tgt_segments) & causal
+        if cache is None:
+            memory_keys_values = self.memory_keys_values(memory)
+        else:
+            if "memory" not in cache[0]:
+                for slot, keys_values in zip(cache, self.memory_keys_values(memory)):
+                    slot["memory"] = keys_values
+            memory_keys_values = [slot["memory"] for slot in cache]
         x = self._embed(self.tgt_embed, tgt_in, offset, tgt_segments)
         for position, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, memory_mask, None if cache is None else cache[position], self_mask, offset)
+            x = layer(x, memory_keys_values[position], memory_mask, None if cache is None else cache[position],
+                      self_mask, offset)
         return self.output(self.decoder_norm(x))
 
     def forward(self, src, tgt_in, src_segments=None, tgt_segments=None):
@@ -234,13 +264,17 @@ class Transformer(nn.Module):
 
 def select_rows(cache, rows, length):
     """Keep only these batch rows of every cached tensor, in this order (finished sentences leave the batch);
-    of the self-attention buffers only the first `length` tokens are filled and copied."""
+    of the self-attention buffers only the first `length` tokens are filled and copied. Memory keys and
+    values shared by several positions (one block) are selected once and stay shared."""
+    selected = {}
     for slot in cache:
-        for name in ("cross_key", "cross_value"):
-            slot[name] = slot[name].index_select(0, rows)
+        pair = slot["memory"]
+        if id(pair) not in selected:
+            selected[id(pair)] = tuple(tensor.index_select(0, rows) for tensor in pair)
+        slot["memory"] = selected[id(pair)]
         for name in ("self_key", "self_value"):
             kept = slot[name].new_empty((rows.numel(), *slot[name].shape[1:]))
-            kept[:, :length] = slot[name][rows, :length]
+            kept[:, :, :length] = slot[name][rows, :, :length]
             slot[name] = kept
 
 
@@ -248,7 +282,7 @@ def reorder_beams(cache, rows, length):
     """Beam search: every row takes over the first `length` cached self-attention tokens of row rows[i]."""
     for slot in cache:
         for name in ("self_key", "self_value"):
-            slot[name][:, :length] = slot[name][rows, :length]
+            slot[name][:, :, :length] = slot[name][rows, :, :length]
 
 
 def output_limits(src, pad_id, max_len_a, max_len_b, max_len, max_positions):

@@ -2,9 +2,9 @@
 
 Multi-GPU: `torchrun --nproc_per_node=N train.py ...`. Resume: `--resume auto`.
 
-Read top to bottom, this file is the outline of a run: the step, the schedule bookkeeping, the one training
-loop, evaluation, the epoch loop and main(). Public API for bench.py: `build_trainer`, `Trainer`,
-`training_steps` (the one loop), `compute_loss`, `Schedule`, `make_scheduler`.
+Read top to bottom, it is the outline of a run: the step, the schedule bookkeeping, the one training loop,
+evaluation, the epoch loop, main(). For bench.py: `build_trainer`, `Trainer`, `training_steps` (the loop),
+`compute_loss`, `Schedule`, `make_scheduler`.
 """
 import contextlib
 import dataclasses
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import checkpoint as ckpt
@@ -28,8 +29,7 @@ from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_s
 
 CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
 clock = time.perf_counter  # every duration train.py measures; tests inject their own
-# GradScaler starts at 2**16; after this many consecutive skips it is below 2**-8, so gradients that still
-# overflow do so whatever the scale: fp16 then counts skips against --nan_patience.
+# GradScaler starts at 2**16; after this many skips in a row it is below 2**-8: fp16 then counts against nan_patience
 FP16_SCALE_HALVINGS = 24
 
 
@@ -42,13 +42,10 @@ def compute_loss(logits, labels, pad_id, label_smoothing):
 
 
 class Schedule:
-    """Advances OneCycle once per optimizer update that really happened.
-
-    On CUDA fused AdamW skips a non-finite update on the device (told by the GradScaler under fp16, by
-    found_inf otherwise); the verdict is copied to the host without waiting and read at the next step,
-    after that step's forward and backward are queued, when the GPU has long finished it. Every update
-    still uses exactly the rate it would get with an immediate check, and no step waits for the GPU. On a
-    CPU, where nothing runs ahead, bf16/fp32 check at once (a bool verdict)."""
+    """Advances OneCycle once per optimizer update that really happened. On CUDA fused AdamW skips a non-finite
+    update on the device (told by the GradScaler under fp16, by found_inf otherwise); the verdict is copied to
+    the host without waiting and read at the next step, when the GPU has long finished: every update gets the
+    rate an immediate check gives, and no step waits for the GPU. On a CPU bf16/fp32 check at once (a bool)."""
 
     def __init__(self, scheduler, frozen=False):
         self.scheduler, self.pending, self.event = scheduler, None, None
@@ -179,7 +176,7 @@ def evaluate(model, data, cfg, precision):
 class Trainer:
     """What one training run works with, so the loop takes one argument instead of a dozen."""
     cfg: Config
-    model: torch.nn.Module  # the plain module: evaluated and saved
+    model: torch.nn.Module  # the plain module: trained, and evaluated and saved unless averaged
     train_model: torch.nn.Module  # the same, wrapped in DDP and/or compiled: trained
     optimizer: torch.optim.Optimizer
     schedule: Schedule
@@ -191,12 +188,14 @@ class Trainer:
     world_size: int
     flops_per_token: float
     peak_flops: float  # None where not measured (other ranks, fp16 on a CPU)
+    average: AveragedModel  # --ema_decay's moving average of model's weights (None: off)
+    translator: torch.nn.Module  # what is evaluated and saved to translate with: model, or the average's module
     session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
     bad_steps: int = 0  # consecutive skipped updates, across epochs
     calibration_start: float = None  # when --max_minutes started timing steps
 
 
-def new_epoch_sums():
+def new_epoch_sums():  # what an epoch (or the epochs since the last evaluation) adds up
     return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "seconds": 0.0, "skipped": 0}
 
 
@@ -210,7 +209,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
                         **{name: getattr(cfg, name) for name in MODEL_FIELDS}).to(device)
     total, unique = model.parameter_counts()
     log(f"model: {unique:,} unique parameters ({total:,} counting every use of shared layers and tied embeddings); "
-        f"layers use blocks {model.layout}")
+        f"layers use blocks {model.layout} / {model.decoder_layout}")
     train_model = model
     if world_size > 1:  # the positions table never changes: no need to broadcast it before every forward
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -227,8 +226,9 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
                 else ckpt.Progress(total_steps))
     optimizer, scheduler = make_optimizer(cfg, model, device, progress.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
     if checkpoint:
-        ckpt.restore(checkpoint, rank, model, optimizer, scheduler, scaler)
+        ckpt.restore(checkpoint, rank, model, optimizer, scheduler, scaler, average)
     flops = model.training_flops_per_token(data.train.lengths())
     log(f"train: {progress.total_steps:,} steps{' (to be sized by --max_minutes)' if cfg.max_minutes else ''} over "
         f"{cfg.epochs} epochs (~{steps_per_epoch[0]:,} optimizer steps of {cfg.accum_steps} batch(es) per epoch"
@@ -239,14 +239,13 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     peak = peak_flops(*precision, size=CPU_PROBE_SIZE if device.type == "cpu" else 4096) if rank == 0 else None
     schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
     trainer = Trainer(cfg, model, train_model, optimizer, schedule, scaler, precision, sampler, data, rank,
-                      world_size, flops, peak)
+                      world_size, flops, peak, average, model if average is None else average.module)
     return trainer, progress
 
 
 def training_steps(trainer, batches):
-    """The one training loop, driven by train_epoch and by bench.py: takes `accum_steps` batches at a time
-    from `batches`, moves them to the device and makes one optimizer step of them. Yields, after each step,
-    (the step's batches as they came, summed loss, target tokens, update verdicts, lr); see train_step."""
+    """The one training loop (train_epoch's and bench.py's): one optimizer step per `accum_steps` batches, then
+    the moving average, if any. Yields (the step's batches, summed loss, target tokens, verdicts, lr) per step."""
     cfg, device = trainer.cfg, trainer.precision[0]
     batches = iter(batches)
     while True:
@@ -254,14 +253,16 @@ def training_steps(trainer, batches):
         if not group:
             return
         on_device = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in group]
-        yield group, *train_step(trainer.train_model, on_device, trainer.optimizer, trainer.schedule, trainer.scaler,
-                                 trainer.precision, cfg, trainer.data.ids["pad"], trainer.world_size)
+        step = train_step(trainer.train_model, on_device, trainer.optimizer, trainer.schedule, trainer.scaler,
+                          trainer.precision, cfg, trainer.data.ids["pad"], trainer.world_size)
+        if trainer.average is not None:
+            trainer.average.update_parameters(trainer.model)
+        yield group, *step
 
 
 def calibrate(trainer, progress, train_seconds):
-    """--max_minutes: time steps 20 to 120 (a tenth to a fifth of a run planned shorter) at the initial rate,
-    in training time only, ending early once a tenth of the budget is spent; then fit OneCycle into the time
-    left at that rate (rank 0's count). So short or slow runs warm up and anneal too."""
+    """--max_minutes: time steps 20-120 (a tenth to a fifth of a shorter run; training time only, at most a tenth
+    of the budget) at the initial rate, then fit OneCycle into the time left (rank 0's count), warm-up included."""
     cfg, device = trainer.cfg, trainer.precision[0]
     first = min(CALIBRATION_STEPS[0], max(1, progress.total_steps // 10))
     last = min(CALIBRATION_STEPS[1], max(first + 1, progress.total_steps // 5))
@@ -369,9 +370,8 @@ def count_skips(trainer, verdicts, patience, step):
 
 
 def evaluation_due(cfg, progress, sums):
-    """At an epoch's end: evaluate (and save) when the run ends here or --eval_every_minutes of training have
-    passed since the last evaluation; auto: every epoch, or about ten times in a --max_minutes budget. Short
-    epochs (a second each on a GPU) then do not spend more time evaluating than training."""
+    """At an epoch's end: evaluate (and save) at the run's end or after --eval_every_minutes of training (auto:
+    every epoch, or ten times in --max_minutes), so short epochs (a GPU's) do not spend more time evaluating."""
     interval = cfg.eval_every_minutes or cfg.max_minutes / 10
     return (progress.epoch >= cfg.epochs or progress.step >= progress.total_steps or
             budget_spent(cfg, progress.train_seconds) or sums["seconds"] >= interval * 60)
@@ -388,13 +388,14 @@ def end_interval(trainer, progress, sums, log):
     started = clock()
     metrics = {}
     if trainer.rank == 0:
-        metrics, examples = evaluate(trainer.model, trainer.data, trainer.cfg, trainer.precision)
+        metrics, examples = evaluate(trainer.translator, trainer.data, trainer.cfg, trainer.precision)
         for source, reference, hypothesis in examples:
             log(f"  source:      {source}\n  reference:   {reference}\n  translation: {hypothesis}")
     eval_seconds = clock() - started
     progress.elapsed_seconds += eval_seconds
     tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
-    line = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens), **metrics,
+    line = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens),
+            "weights": "ema" if trainer.average else "raw", **metrics,
             "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
             "fraction_of_peak": fraction_of_peak(trainer, tokens_per_sec),
             "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,

@@ -5,7 +5,7 @@ import torch
 
 import train
 from conftest import EOS, PAD, SOS, make_model, random_batch, run_script
-from model import beam_search, greedy_search, length_normalized, output_limits, translate
+from model import beam_search, greedy_search, length_normalized, output_limits, select_rows, translate
 
 
 def trained_ish_model(share="none", n_layers=2, n_unique=2):
@@ -32,8 +32,23 @@ def test_cache_follows_layer_positions_not_blocks():
     cache = model.new_cache(7)
     memory, mask = model.encode(SOURCES)
     model.decode(torch.full((5, 1), SOS), memory, mask, cache)
-    assert len(cache) == 4 and all(slot["self_key"].shape[1] == 7 for slot in cache)
+    assert len(cache) == 4 and all(slot["self_key"].shape[2] == 7 for slot in cache)
     assert cache[1]["self_key"] is not cache[2]["self_key"]  # block 1 serves positions 1 and 2
+    # ... which see the same memory: its keys and values are computed and kept once, also as rows leave
+    assert cache[1]["memory"] is cache[2]["memory"] and cache[0]["memory"] is cache[3]["memory"]
+    assert cache[0]["memory"] is not cache[1]["memory"]
+    select_rows(cache, torch.tensor([4, 0]), 1)
+    assert cache[1]["memory"] is cache[2]["memory"] and cache[1]["memory"][0].shape[0] == 2
+
+
+def test_memory_keys_values_are_computed_once_per_block():
+    model = trained_ish_model("cycle_rev", 4, 2)
+    memory, _ = model.encode(SOURCES)
+    calls = []
+    for block in set(model.decoder_layers):
+        block.cross_attn.key_value.register_forward_hook(lambda *args: calls.append(1))
+    model.decode(torch.full((5, 3), SOS), memory, (SOURCES != PAD)[:, None, None, :])
+    assert len(calls) == 2  # two blocks for four positions
 
 
 def test_cached_beam_search_equals_uncached():
@@ -159,3 +174,16 @@ def test_int8_linear_layers_compute_nearly_the_fp32_logits():
 def test_translate_int8_flag(checkpoint, tmp_path):
     result = run_script("translate.py", "--checkpoint", checkpoint, "--int8", "I am tired.", "Go.")
     assert result.returncode == 0 and len(result.stdout.split("\n")) == 3 and not result.stderr, result.stderr
+
+
+def test_cached_decoding_equals_uncached_with_a_shallow_decoder():
+    from model import Transformer
+    torch.manual_seed(3)
+    model = Transformer(30, 30, PAD, d_model=32, n_heads=4, d_ff=64, n_layers=4, n_unique_layers=2,
+                        share="cycle_rev", n_decoder_layers=1).eval()
+    with torch.no_grad():
+        model.output.weight.mul_(8)  # peaked outputs, as in trained_ish_model
+    for beam in (1, 3):
+        search = greedy_search if beam == 1 else lambda *args, **kw: beam_search(*args, beam=beam, **kw)
+        cached = search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6)
+        assert cached == search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6, use_cache=False)

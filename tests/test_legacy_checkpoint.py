@@ -3,7 +3,8 @@ load, translate and resume. tests/fixtures/legacy/interrupted.pt is the last.pt 
 
     python train.py --data_files tests/fixtures/pairs.jsonl <TINY flags> --epochs 2 --dropout 0.2 --amp off --seed 1
 
-stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop."""
+stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop.
+Resuming it today takes `--n_decoder_layers 0` (its decoder was as deep as its encoder; the default is now 2)."""
 import json
 import os
 
@@ -15,7 +16,7 @@ from conftest import ROOT, TINY, run_script
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
 ARGS = ["--data_files", "tests/fixtures/pairs.jsonl", *TINY, "--epochs", "2", "--dropout", "0.2", "--amp", "off",
-        "--seed", "1"]
+        "--seed", "1", "--n_decoder_layers", "0"]
 
 
 def test_a_checkpoint_from_an_earlier_version_translates():
@@ -35,3 +36,10 @@ def test_a_checkpoint_from_an_earlier_version_resumes_like_the_uninterrupted_run
     for a, b in zip(expected, resumed):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+
+
+def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*ARGS[:-2], "--run_dir", str(tmp_path), "--resume", CHECKPOINT])
+    assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 2" in str(exit_info.value.code)

@@ -137,3 +137,19 @@ def test_a_tiny_model_memorises_sixteen_pairs():
         loss_sum, n_tokens, _, _ = train.train_step(model, [batch], optimizer, train.Schedule(scheduler), scaler,
                                                     (torch.device("cpu"), None), cfg, PAD)
     assert float(loss_sum) / int(n_tokens) < 0.3
+
+
+def test_a_shallow_decoder_draws_on_its_own_blocks():
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(40, 40, PAD, d_model=32, n_heads=4, d_ff=64, n_layers=6, n_unique_layers=3,
+                        share="cycle_rev", n_decoder_layers=2).eval()
+    assert model.layout == [0, 1, 2, 2, 1, 0] and model.decoder_layout == layer_layout("cycle_rev", 2, 2)
+    assert len(model.encoder_layers) == 6 and len(set(model.encoder_layers)) == 3
+    assert len(model.decoder_layers) == 2 and len(set(model.decoder_layers)) == 2
+    src, tgt = random_batch([6, 4]), random_batch([5, 3], seed=1)
+    assert model(src, tgt).shape == (2, 5, 40)
+    deep = Transformer(40, 40, PAD, d_model=32, n_heads=4, d_ff=64, n_layers=6, n_unique_layers=3, share="cycle_rev")
+    lengths = [(10, 12)] * 3
+    assert model.training_flops_per_token(lengths) < 0.75 * deep.training_flops_per_token(lengths)
+    assert len(deep.decoder_layers) == 6  # 0: as many decoder layers as encoder layers

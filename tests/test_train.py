@@ -33,6 +33,7 @@ def test_end_to_end_train_then_translate(tmp_path):
         assert (run_dir / name).exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir))
     [line] = read_metrics(run_dir)
+    assert line["weights"] == "raw"  # no --ema_decay: the trained weights themselves
     for key in ("epoch", "step", "train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "lr", "tokens_per_sec",
                 "epoch_seconds", "elapsed_seconds"):
         assert key in line
@@ -123,8 +124,9 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
 
 
-def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    args = ("--epochs", "2", "--dropout", "0.2")
+@pytest.mark.parametrize("averaging", [(), ("--ema_decay", "0.8")])
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, averaging):
+    args = ("--epochs", "2", "--dropout", "0.2", *averaging)
     train.main(tiny_args(tmp_path / "straight", *args))
     crash_at(monkeypatch, 4, "sigterm")
     with pytest.raises(SystemExit) as exit_info:
@@ -139,6 +141,33 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, mon
     for a, b in zip(straight, resumed):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+
+
+def test_moving_average_of_the_weights_is_what_is_evaluated_and_saved(tmp_path, monkeypatch):
+    decay, trained = 0.8, []
+    real_step = train.train_step
+
+    def step(model, *args, **kwargs):
+        result = real_step(model, *args, **kwargs)
+        trained.append({name: p.detach().clone() for name, p in model.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(train, "train_step", step)
+    train.main(tiny_args(tmp_path, "--epochs", "1", "--ema_decay", str(decay)))
+    expected = dict(trained[0])
+    for weights in trained[1:]:
+        expected = {name: decay * expected[name] + (1 - decay) * weights[name] for name in weights}
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["ema_updates"] == len(trained) > 1
+    for name, value in checkpoint["model"].items():
+        assert torch.allclose(value, expected[name], atol=1e-6), name
+        assert torch.equal(checkpoint["training_model"][name], trained[-1][name])
+    assert not torch.equal(checkpoint["model"]["output.weight"], checkpoint["training_model"]["output.weight"])
+    [line] = read_metrics(tmp_path)
+    assert line["weights"] == "ema"
+    import translate
+    model = translate.load_translator(tmp_path / "best.pt", torch.device("cpu"))[0]
+    assert torch.equal(model.output.weight, checkpoint["model"]["output.weight"])
 
 
 def test_resume_refuses_a_different_architecture_or_schedule(tmp_path, capsys):
@@ -318,6 +347,9 @@ def test_readme_reference_command_builds_the_reference_recipe():
     cfg = Config.from_args(command.split()[2:])
     assert (cfg.batching, cfg.batch_size, cfg.max_tokens, cfg.accum_steps) == ("random", 32, 0, 1)
     assert (cfg.dropout, cfg.attn_dropout, cfg.amp, cfg.epochs, cfg.max_minutes) == (0.1, 0.1, "off", 17, 0)
+    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == \
+        (512, 8, 128, 6, 3, "cycle_rev")
+    assert (cfg.n_decoder_layers or cfg.n_layers) == 6 and cfg.ema_decay == 0 and cfg.tokenizer == "word"
     total = 1000
     reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.AdamW(make_model().parameters()), max_lr=1e-3,
                                                     total_steps=total, pct_start=0.1, anneal_strategy="linear",
