@@ -8,7 +8,8 @@ Prints one JSON object on stdout; progress goes to stderr. `pad_fraction` is the
 batches a variant trained on in its time; `epoch_pad_fraction` that of a whole epoch of its batches.
 
 Variants: fixed (random batches, every sequence padded to the longest in the data), dynamic (random
-batches padded to their own longest, fp32, the reference recipe's dropout 0.1 everywhere: the reference's
+batches padded to their own longest, fp32, the reference recipe's dropout 0.1 everywhere and no weight
+averaging: the reference's
 technique and the baseline of every ratio, pinned so that it does not move when the defaults do),
 bucketed (length-bucketed batches), packed (random batches packed into rows), bucketed_amp / packed_amp
 (the same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA), and default (exactly the config's
@@ -213,7 +214,7 @@ def main(argv=None):
     lengths = data.train.lengths()
     longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
     amp = "fp16" if device.type == "cuda" else "bf16"
-    reference = dict(batching="random", max_tokens=0, amp="off", dropout=0.1, attn_dropout=0.1)
+    reference = dict(batching="random", max_tokens=0, amp="off", dropout=0.1, attn_dropout=0.1, ema_decay=0)
     variants = {"fixed": reference, "dynamic": reference,
                 "bucketed": dict(amp="off", batching="bucketed"), "bucketed_amp": dict(amp=amp, batching="bucketed"),
                 "packed": dict(amp="off", batching="packed"), "packed_amp": dict(amp=amp, batching="packed"),

@@ -26,7 +26,7 @@ class Config:
     lang_src: str = "en"  # source language key in the rows' "translation" dict
     lang_tgt: str = "fr"  # target language key in the rows' "translation" dict
     data_files: list[str] = field(default_factory=list)  # local .jsonl/.tsv/.parquet files; empty = the hub dataset
-    val_fraction: float = 0.1  # share of pairs held out for validation (seeded, stable split)
+    val_fraction: float = 0.03  # share of pairs held out for validation (seeded, stable split)
     max_src_tokens: int = 150  # drop training pairs whose source has more tokens than this
     max_len_diff: int = 10  # drop training pairs whose target is longer than source + this (in tokens)
     max_positions: int = 1024  # longest sequence the model accepts (sinusoidal table size)
@@ -64,7 +64,7 @@ class Config:
     final_div_factor: float = 10.0  # final lr = initial lr / final_div_factor
     label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    ema_decay: float = 0.0  # evaluate and save an exponential moving average of the weights (0 = off: the raw ones)
+    ema_decay: float = 0.998  # evaluate and save this moving average of the weights (0 = off: the trained ones)
     nan_patience: int = 3  # stop after this many consecutive steps with a non-finite loss
     # system
     amp: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: bf16 where measured faster than fp32), fp16, bf16, off

@@ -4,7 +4,8 @@ load, translate and resume. tests/fixtures/legacy/interrupted.pt is the last.pt 
     python train.py --data_files tests/fixtures/pairs.jsonl <TINY flags> --epochs 2 --dropout 0.2 --amp off --seed 1
 
 stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop.
-Resuming it today takes `--n_decoder_layers 0` (its decoder was as deep as its encoder; the default is now 2)."""
+Resuming it today takes the flags whose defaults changed since: `--n_decoder_layers 0` (its decoder was as deep
+as its encoder; the default is now 2), `--ema_decay 0` (it had no weight averaging) and `--val_fraction 0.1`."""
 import json
 import os
 
@@ -15,8 +16,9 @@ from conftest import ROOT, TINY, run_script
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
-ARGS = ["--data_files", "tests/fixtures/pairs.jsonl", *TINY, "--epochs", "2", "--dropout", "0.2", "--amp", "off",
-        "--seed", "1", "--n_decoder_layers", "0"]
+COMMAND = ["--data_files", "tests/fixtures/pairs.jsonl", *TINY, "--epochs", "2", "--dropout", "0.2", "--amp", "off",
+           "--seed", "1"]
+ARGS = [*COMMAND, "--n_decoder_layers", "0", "--ema_decay", "0", "--val_fraction", "0.1"]
 
 
 def test_a_checkpoint_from_an_earlier_version_translates():
@@ -41,5 +43,5 @@ def test_a_checkpoint_from_an_earlier_version_resumes_like_the_uninterrupted_run
 def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*ARGS[:-2], "--run_dir", str(tmp_path), "--resume", CHECKPOINT])
+        train.main([*COMMAND, "--val_fraction", "0.1", "--run_dir", str(tmp_path), "--resume", CHECKPOINT])
     assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 2" in str(exit_info.value.code)
