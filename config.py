@@ -38,7 +38,7 @@ class Config:
     n_heads: int = 8  # attention heads; must divide d_model
     d_ff: int = 128  # hidden width of the feed-forward sublayer
     n_layers: int = 6  # layers in the encoder (and in the decoder, unless n_decoder_layers says otherwise)
-    n_decoder_layers: int = 2  # layers in the decoder (0 = n_layers): a shallow one decodes and trains faster
+    n_decoder_layers: int = 1  # layers in the decoder (0 = n_layers): a shallow one decodes and trains faster
     n_unique_layers: int = 3  # distinct blocks each stack's layers are drawn from (ignored when share=none)
     share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
     tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)

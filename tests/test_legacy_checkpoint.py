@@ -5,7 +5,7 @@ load, translate and resume. tests/fixtures/legacy/interrupted.pt is the last.pt 
 
 stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop.
 Resuming it today takes the flags whose defaults changed since: `--n_decoder_layers 0` (its decoder was as deep
-as its encoder; the default is now 2), `--ema_decay 0` (it had no weight averaging) and `--val_fraction 0.1`."""
+as its encoder; the default is now 1), `--ema_decay 0` (it had no weight averaging) and `--val_fraction 0.1`."""
 import json
 import os
 
@@ -44,4 +44,4 @@ def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(t
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
         train.main([*COMMAND, "--val_fraction", "0.1", "--run_dir", str(tmp_path), "--resume", CHECKPOINT])
-    assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 2" in str(exit_info.value.code)
+    assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 1" in str(exit_info.value.code)
