@@ -215,7 +215,7 @@ def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None)
     model.load_state_dict(checkpoint.get("training_model", checkpoint["model"]))
     if average is not None:
         average.module.load_state_dict(checkpoint["model"])
-        average.n_averaged.fill_(checkpoint["ema_updates"])
+        average.updates = checkpoint["ema_updates"]
     # load_state_dict copies the saved group options too; keep this run's kernel choice (fused on CUDA/CPU)
     kernel_options = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint["optimizer"])
@@ -250,7 +250,7 @@ def save(trainer, progress, sums, path, is_main):
     """Gather every rank's RNG state and running sums (a collective), then rank 0 writes a self-contained
     checkpoint of the run that `trainer` (train.Trainer) trains."""
     averaged = {} if trainer.average is None else {"training_model": trainer.model.state_dict(),
-                                                   "ema_updates": int(trainer.average.n_averaged)}
+                                                   "ema_updates": trainer.average.updates}
     state = {"model": trainer.translator.state_dict(), **averaged,
              "optimizer": trainer.optimizer.state_dict(),
              "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),

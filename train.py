@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import checkpoint as ckpt
 import dataset
+from averaging import WeightAverage
 from config import MODEL_FIELDS, Config
 from model import Transformer, translate
 from translate import score
@@ -188,7 +188,7 @@ class Trainer:
     world_size: int
     flops_per_token: float
     peak_flops: float  # None where not measured (other ranks, fp16 on a CPU)
-    average: AveragedModel  # --ema_decay's moving average of model's weights (None: off)
+    average: WeightAverage  # --ema_decay's moving average of model's weights (None: off)
     translator: torch.nn.Module  # what is evaluated and saved to translate with: model, or the average's module
     session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
     bad_steps: int = 0  # consecutive skipped updates, across epochs
@@ -226,7 +226,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
                 else ckpt.Progress(total_steps))
     optimizer, scheduler = make_optimizer(cfg, model, device, progress.total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision[1] == torch.float16)
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay)) if cfg.ema_decay else None
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     if checkpoint:
         ckpt.restore(checkpoint, rank, model, optimizer, scheduler, scaler, average)
     flops = model.training_flops_per_token(data.train.lengths())
@@ -256,7 +256,7 @@ def training_steps(trainer, batches):
         step = train_step(trainer.train_model, on_device, trainer.optimizer, trainer.schedule, trainer.scaler,
                           trainer.precision, cfg, trainer.data.ids["pad"], trainer.world_size)
         if trainer.average is not None:
-            trainer.average.update_parameters(trainer.model)
+            trainer.average.update(trainer.model)
         yield group, *step
 
 

@@ -7,6 +7,7 @@ import torch
 
 import dataset
 import train
+from averaging import WeightAverage
 from config import Config
 from conftest import EOS, PAD, SOS, make_model, random_batch, tiny_args
 from test_train import Crash, crash_at, one_batch, read_metrics
@@ -113,9 +114,14 @@ def count_syncs(dtype, steps=4):
     schedule = train.Schedule(scheduler)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     batch = {k: v.pin_memory() for k, v in one_batch().items()}
-    step = lambda: train.train_step(model, [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}],  # noqa
-                                    optimizer, schedule, scaler, (CUDA, dtype), cfg, PAD)
-    step()  # the first step creates the optimizer state
+    average = WeightAverage(model, 0.99)  # --ema_decay, on by default
+
+    def step():
+        train.train_step(model, [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}], optimizer, schedule,
+                         scaler, (CUDA, dtype), cfg, PAD)
+        average.update(model)
+
+    step()  # the first step creates the optimizer state and copies the weights into the average
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -129,6 +135,7 @@ def count_syncs(dtype, steps=4):
 
 
 def test_no_train_step_waits_for_the_gpu_in_any_precision():
-    """fp16 (GradScaler), bf16 and fp32 (found_inf): the skip is decided on the GPU, its verdict read a step late."""
+    """fp16 (GradScaler), bf16 and fp32 (found_inf): the skip is decided on the GPU, its verdict read a step late;
+    the moving average of the weights is updated without reading anything back either."""
     for dtype in (torch.float16, torch.bfloat16, None):
         assert count_syncs(dtype) == 0, dtype

@@ -1,0 +1,29 @@
+"""--ema_decay: an exponential moving average of the model's weights (Marian's exponential smoothing), which
+evaluation, best.pt and last.pt use, while the optimizer goes on training the weights themselves."""
+import copy
+
+import torch
+
+
+class WeightAverage:
+    """average <- decay x average + (1 - decay) x weights after every step, starting from the first step's.
+
+    The update of torch.optim.swa_utils.AveragedModel (with get_ema_multi_avg_fn) computes the same numbers
+    (a test compares them), but reads its step count on the host and copies it to the device at every step,
+    which on CUDA waits for the GPU; here the count is a Python int and one fused lerp over all the weights
+    updates the average, queued like any other kernel."""
+
+    def __init__(self, model, decay):
+        # deepcopy keeps shared blocks and tied embeddings shared: one average per distinct tensor
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        averaged, weights = list(self.module.parameters()), list(model.parameters())
+        if self.updates == 0:
+            for average, weight in zip(averaged, weights):
+                average.copy_(weight)
+        else:
+            torch._foreach_lerp_(averaged, weights, 1 - self.decay)
+        self.updates += 1
