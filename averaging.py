@@ -16,14 +16,15 @@ class WeightAverage:
     def __init__(self, model, decay):
         # deepcopy keeps shared blocks and tied embeddings shared: one average per distinct tensor
         self.module = copy.deepcopy(model).requires_grad_(False)
+        self.averaged = list(self.module.parameters())  # loading a state dict copies into these very tensors
         self.decay, self.updates = decay, 0
 
     @torch.no_grad()
     def update(self, model):
-        averaged, weights = list(self.module.parameters()), list(model.parameters())
+        weights = list(model.parameters())
         if self.updates == 0:
-            for average, weight in zip(averaged, weights):
+            for average, weight in zip(self.averaged, weights):
                 average.copy_(weight)
         else:
-            torch._foreach_lerp_(averaged, weights, 1 - self.decay)
+            torch._foreach_lerp_(self.averaged, weights, 1 - self.decay)
         self.updates += 1

@@ -232,8 +232,9 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
         "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
-                                                "n_decoder_layers", "n_unique_layers", "share", "ema_decay", "batch_size", "max_tokens", "batching",
-                                                "amp", "pack_length", "pad_multiple", "attn_dropout")},
+                                                "n_decoder_layers", "n_unique_layers", "share", "ema_decay",
+                                                "batch_size", "max_tokens", "batching", "amp", "pack_length",
+                                                "pad_multiple", "attn_dropout")},
         "amp_auto": PRECISION_NAMES[runtime.amp_dtype("auto", device)],  # what --amp auto chose here
         "flops_per_token": flops_per_token,
         "peak_flops": peaks,

@@ -232,13 +232,10 @@ class Transformer(nn.Module):
         if tgt_segments is not None:
             causal = torch.ones(tgt_in.size(1), tgt_in.size(1), dtype=torch.bool, device=tgt_in.device).tril()
             self_mask = _same_segment(tgt_segments, tgt_segments) & causal
-        if cache is None:
-            memory_keys_values = self.memory_keys_values(memory)
-        else:
-            if "memory" not in cache[0]:
-                for slot, keys_values in zip(cache, self.memory_keys_values(memory)):
-                    slot["memory"] = keys_values
-            memory_keys_values = [slot["memory"] for slot in cache]
+        if cache is not None and "memory" not in cache[0]:
+            for slot, keys_values in zip(cache, self.memory_keys_values(memory)):
+                slot["memory"] = keys_values
+        memory_keys_values = self.memory_keys_values(memory) if cache is None else [slot["memory"] for slot in cache]
         x = self._embed(self.tgt_embed, tgt_in, offset, tgt_segments)
         for position, layer in enumerate(self.decoder_layers):
             x = layer(x, memory_keys_values[position], memory_mask, None if cache is None else cache[position],

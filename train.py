@@ -76,14 +76,11 @@ class Schedule:
 
 
 def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_id, world_size=1):
-    """One optimizer step over one or more batches (gradient accumulation). Returns (summed loss, target
-    tokens, verdicts, lr): verdicts lists whether the updates settled by this call happened (under fp16,
-    the previous step's; see Schedule), lr the rate this update used.
-
-    Every batch's loss is divided by the target tokens of all the step's batches on all ranks, so
-    accumulation and DDP's gradient averaging give exactly the gradient of one big batch. A skipped update
-    (non-finite gradients: fp16 overflow, or a NaN in any precision) leaves weights and schedule untouched.
-    """
+    """One optimizer step over one or more batches (gradient accumulation). Returns (summed loss, target tokens,
+    verdicts, lr): verdicts lists whether the updates settled by this call happened (see Schedule), lr the rate
+    this update used. Every batch's loss is divided by the target tokens of all the step's batches on all ranks,
+    so accumulation and DDP's gradient averaging give exactly the gradient of one big batch. A skipped update
+    (non-finite gradients: fp16 overflow, or a NaN in any precision) leaves weights and schedule untouched."""
     device, dtype = precision
     n_tokens = sum((batch["labels"] != pad_id).sum() for batch in batches)
     global_tokens = n_tokens.clone()
@@ -189,10 +186,13 @@ class Trainer:
     flops_per_token: float
     peak_flops: float  # None where not measured (other ranks, fp16 on a CPU)
     average: WeightAverage  # --ema_decay's moving average of model's weights (None: off)
-    translator: torch.nn.Module  # what is evaluated and saved to translate with: model, or the average's module
     session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
     bad_steps: int = 0  # consecutive skipped updates, across epochs
     calibration_start: float = None  # when --max_minutes started timing steps
+
+    @property
+    def translator(self):  # what is evaluated and saved to translate with: the moving average, if any, else model
+        return self.model if self.average is None else self.average.module
 
 
 def new_epoch_sums():  # what an epoch (or the epochs since the last evaluation) adds up
@@ -239,7 +239,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     peak = peak_flops(*precision, size=CPU_PROBE_SIZE if device.type == "cpu" else 4096) if rank == 0 else None
     schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
     trainer = Trainer(cfg, model, train_model, optimizer, schedule, scaler, precision, sampler, data, rank,
-                      world_size, flops, peak, average, model if average is None else average.module)
+                      world_size, flops, peak, average)
     return trainer, progress
 
 
@@ -395,7 +395,7 @@ def end_interval(trainer, progress, sums, log):
     progress.elapsed_seconds += eval_seconds
     tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
     line = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens),
-            "weights": "ema" if trainer.average else "raw", **metrics,
+            "weights": "raw" if trainer.average is None else "ema", **metrics,
             "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
             "fraction_of_peak": fraction_of_peak(trainer, tokens_per_sec),
             "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,
