@@ -6,10 +6,13 @@ import torch
 
 
 class WeightAverage:
-    """average <- decay x average + (1 - decay) x weights after every step, starting from the first step's.
+    """average <- d x average + (1 - d) x weights after every step, starting from the first step's, where
+    d = min(decay, (1 + n) / (10 + n)) after n updates (the warm-up of TensorFlow's ExponentialMovingAverage):
+    early on the average follows the weights closely, so a run of a few hundred steps (large batches) is not
+    evaluated on an average of mostly untrained weights.
 
-    The update of torch.optim.swa_utils.AveragedModel (with get_ema_multi_avg_fn) computes the same numbers
-    (a test compares them), but reads its step count on the host and copies it to the device at every step,
+    torch.optim.swa_utils.AveragedModel with the same averaging function computes the same numbers (a test
+    compares them), but reads its step count on the host and copies it to the device at every step,
     which on CUDA waits for the GPU; here the count is a Python int and one fused lerp over all the weights
     updates the average, queued like any other kernel."""
 
@@ -26,5 +29,6 @@ class WeightAverage:
             for average, weight in zip(self.averaged, weights):
                 average.copy_(weight)
         else:
-            torch._foreach_lerp_(self.averaged, weights, 1 - self.decay)
+            decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+            torch._foreach_lerp_(self.averaged, weights, 1 - decay)
         self.updates += 1

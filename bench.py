@@ -57,17 +57,22 @@ def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length):
     real, padded = 0, 0
     for batch in sampler.batches():
         lengths = [sampler.lengths[i] for i in batch]
-        rows, src_len, tgt_len = dataset.batch_layout(lengths, pad_multiple, fixed_lengths, pack_length)
+        rows, src_len, tgt_len = dataset.batch_layout(lengths, pad_multiple, fixed_lengths, pack_length,
+                                                      sampler.shape)
         real += sum(s + t for s, t in lengths)
         padded += len(rows) * (src_len + tgt_len)
     return 1 - real / padded
 
 
-def endless(sampler):
-    """Batches epoch after epoch, for as long as the timer wants them."""
-    for epoch in itertools.count():
-        sampler.set_epoch(epoch)
-        yield from sampler
+def endless(trainer, device, fixed_lengths=None):
+    """Batches epoch after epoch, for as long as the timer wants them: through train.py's own loader (worker
+    processes, pinned memory), or collated here to fixed_lengths (the `fixed` variant)."""
+    cfg, data, sampler = trainer.cfg, trainer.data, trainer.sampler
+    if fixed_lengths is None:
+        return runtime.start_loader(dataset.make_loader(data.train, sampler, cfg, data.ids["pad"], device,
+                                                        sampler.epochs_from(0)))
+    collate = dataset.make_collate(data.ids["pad"], runtime.pad_multiple(cfg, device), fixed_lengths)
+    return (collate([data.train[i] for i in indices]) for indices in sampler.epochs_from(0))
 
 
 def attention_kernels(model, batch, precision, cfg, pad_id):
@@ -99,11 +104,12 @@ def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
     pad_id, pad_multiple = data.ids["pad"], runtime.pad_multiple(cfg, device)
     sampler = trainer.sampler
     pack_length = cfg.pack_length if cfg.batching == "packed" else 0
-    collate = dataset.make_collate(pad_id, pad_multiple, fixed_lengths, pack_length)
-    batches = (collate([data.train[i] for i in indices]) for indices in endless(sampler))
-    # torch.compile compiles again for the second shape it sees (then marks sizes dynamic): warm up past that
-    warmup, steps, real, padded, started, kernels = 30 if cfg.compile else 3, 0, 0, 0, None, []
-    for group, *_ in train.training_steps(trainer, batches):
+    graphed = isinstance(trainer.step, train.GraphedStep)
+    # torch.compile compiles again for the second shape it sees (then marks sizes dynamic), a CUDA graph is
+    # captured after its eager warm-up: the timing starts after that
+    warmup = 30 if cfg.compile else train.GRAPH_WARMUP_STEPS + 3
+    steps, real, padded, started, kernels = 0, 0, 0, None, []
+    for group, *_ in train.training_steps(trainer, endless(trainer, device, fixed_lengths)):
         batch = group[0]
         if steps == 0:
             kernels = attention_kernels(trainer.model, batch, precision, cfg, pad_id)
@@ -129,24 +135,23 @@ def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
               "fraction_of_peak": real / elapsed * trainer.flops_per_token / peaks[precision_name],
               "steps": steps - warmup, "seconds": elapsed, "precision": precision_name, "batching": cfg.batching,
               "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "compile": cfg.compile,
-              "attention_kernels": kernels}
+              "max_tokens": cfg.max_tokens, "lr": cfg.lr, "batch_shape": list(sampler.shape or ()) or "varied",
+              "cuda_graph": graphed, "attention_kernels": kernels}
     log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, {result['fraction_of_peak']:.1%} of the "
-        f"{precision_name} peak, pad fraction {result['pad_fraction']:.3f} (whole epoch "
-        f"{result['epoch_pad_fraction']:.3f}), attention {', '.join(kernels)}")
+        f"{precision_name} peak{', CUDA graph' if graphed else ''}, pad fraction {result['pad_fraction']:.3f} "
+        f"(whole epoch {result['epoch_pad_fraction']:.3f}), attention {', '.join(kernels)}")
     return result, trainer.model, trainer.flops_per_token
 
 
 def profile_steps(cfg, data, device, steps):
-    """torch.profiler over `steps` default training steps (after a few untimed ones): wall ms per step, and on
-    CUDA the GPU-kernel ms per step, the share of the wall time the GPU is busy, and kernel launches per step."""
+    """torch.profiler over `steps` default training steps (after the untimed warm-up, CUDA-graph capture included):
+    wall ms per step, and on CUDA the GPU-kernel ms per step, the share of the wall time the GPU is busy, the
+    kernels run and the launches the host made (a graph replay is one launch of many kernels) per step."""
     from torch.profiler import ProfilerActivity, profile
     trainer = bench_trainer(cfg, data, device)
-    collate = dataset.make_collate(data.ids["pad"], runtime.pad_multiple(cfg, device), None,
-                                   cfg.pack_length if cfg.batching == "packed" else 0)
-    batches = [collate([data.train[i] for i in indices]) for indices in itertools.islice(endless(trainer.sampler),
-                                                                                         steps + 3)]
-    loop = train.training_steps(trainer, batches)
-    for _ in itertools.islice(loop, 3):
+    warmup = train.GRAPH_WARMUP_STEPS + 3
+    loop = train.training_steps(trainer, itertools.islice(endless(trainer, device), warmup + steps))
+    for _ in itertools.islice(loop, warmup):
         pass
     runtime.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -160,8 +165,10 @@ def profile_steps(cfg, data, device, steps):
     if device.type == "cuda":
         kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(event.time_range.elapsed_us() for event in kernels) / 1000 / steps
+        launches = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CPU
+                    and event.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch"))]
         result.update(kernel_ms_per_step=busy, gpu_busy_fraction=busy / result["wall_ms_per_step"],
-                      kernels_per_step=len(kernels) / steps)
+                      kernels_per_step=len(kernels) / steps, launches_per_step=len(launches) / steps)
     log(f"profile of the default step: {result}")
     return result
 
@@ -219,22 +226,24 @@ def main(argv=None):
                 "bucketed": dict(amp="off", batching="bucketed"), "bucketed_amp": dict(amp=amp, batching="bucketed"),
                 "packed": dict(amp="off", batching="packed"), "packed_amp": dict(amp=amp, batching="packed"),
                 "default": {}}
-    if device.type == "cuda":
-        variants.update(packed_bf16=dict(amp="bf16", batching="packed"),
+    if device.type == "cuda":  # the default's CUDA graph against the same step launched kernel by kernel
+        variants.update(packed_bf16_eager=dict(amp="bf16", batching="packed", cuda_graph=False),
                         packed_amp_compile=dict(amp=amp, batching="packed", compile=True))
     results, peaks, model = {}, {}, None
     for name, overrides in variants.items():
-        variant_cfg = dataclasses.replace(cfg, **overrides) if overrides else cfg
+        variant_cfg = runtime.resolve_autos(dataclasses.replace(cfg, **overrides), device)
         results[name], model, flops_per_token = run_variant(name, variant_cfg, data, device, args.seconds, peaks,
                                                             longest if name == "fixed" else None)
     baseline = results["dynamic"]["real_tokens_per_sec"]
+    resolved = runtime.resolve_autos(cfg, device)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
-        "config": {k: getattr(cfg, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
-                                                "n_decoder_layers", "n_unique_layers", "share", "ema_decay",
-                                                "batch_size", "max_tokens", "batching", "amp", "pack_length",
-                                                "pad_multiple", "attn_dropout")},
+        "config": {k: getattr(resolved, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
+                                                     "n_decoder_layers", "n_unique_layers", "share", "ema_decay",
+                                                     "batch_size", "max_tokens", "batching", "amp", "pack_length",
+                                                     "pad_multiple", "attn_dropout", "lr", "batch_shape",
+                                                     "cuda_graph")},
         "amp_auto": PRECISION_NAMES[runtime.amp_dtype("auto", device)],  # what --amp auto chose here
         "flops_per_token": flops_per_token,
         "peak_flops": peaks,
@@ -242,7 +251,7 @@ def main(argv=None):
         "ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
     }
     if args.profile_steps:
-        report["profile"] = profile_steps(cfg, data, device, args.profile_steps)
+        report["profile"] = profile_steps(resolved, data, device, args.profile_steps)
     sources, ids = data.val.src_ids[:args.decode_sentences], data.ids
     if args.decode_checkpoint:
         model, src_tokenizer, tgt_tokenizer, _ = load_translator(args.decode_checkpoint, device)

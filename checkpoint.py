@@ -20,10 +20,11 @@ from tokenizers import Tokenizer
 from config import Config
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
-RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "log_every", "pad_multiple",
-                     "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b", "eval_every_minutes"}
+RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "cuda_graph", "log_every",
+                     "pad_multiple", "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b",
+                     "eval_every_minutes"}
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
-PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0}
+PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied"}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 
@@ -151,19 +152,21 @@ def tokenizers_of(checkpoint, path):
 
 
 def load_for_resume(cfg, last_path, world_size, log):
-    """(checkpoint, its path) that --resume names (auto: run_dir's last.pt, if any), checked to fit this run;
-    (None, None) for a fresh run."""
+    """(checkpoint, its path, cfg) for the checkpoint that --resume names (auto: run_dir's last.pt, if any),
+    checked to fit this run, with the fields cfg leaves at auto taking the values the checkpoint was trained
+    with (a run begun on a GPU resumes with its GPU-sized batches on a CPU); (None, None, cfg) for a fresh run."""
     resume_path = last_path if cfg.resume == "auto" else cfg.resume
     if cfg.resume == "auto" and not os.path.isfile(last_path):
         log(f"resume: no {last_path} yet, starting a new run")
-        return None, None
+        return None, None, cfg
     if not resume_path:
-        return None, None
+        return None, None, cfg
     checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + PROGRESS_KEYS)
+    cfg = cfg.with_autos_from({**PREDATED_FIELDS, **checkpoint["config"]})
     check_resumable(checkpoint, cfg, resume_path, world_size)
     log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
         f"step {checkpoint['step']})")
-    return checkpoint, resume_path
+    return checkpoint, resume_path, cfg
 
 
 def check_same_data(checkpoint, fingerprint, path):

@@ -13,8 +13,12 @@ TOKENIZERS = ("word", "bpe")
 AMP_MODES = ("auto", "fp16", "bf16", "off")
 DEVICES = ("auto", "cuda", "cpu")
 BATCHINGS = ("packed", "bucketed", "random")
+BATCH_SHAPES = ("auto", "fixed", "varied")
 ANNEAL_STRATEGIES = ("cos", "linear")
 # The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
+# Fields whose default means "auto". A resumed run takes the values its checkpoint was trained with, so batches
+# and schedule stay the same; a new run resolves them for its device (runtime.resolve_autos; epochs: train.py).
+AUTO_VALUES = {"epochs": 0, "max_tokens": -1, "batch_shape": "auto", "lr": 0.0}
 MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_decoder_layers", "n_unique_layers", "share",
                 "tie_embeddings", "dropout", "attn_dropout", "max_positions")
 
@@ -45,17 +49,18 @@ class Config:
     dropout: float = 0.0  # dropout on embeddings, residual branches and the feed-forward hidden layer
     attn_dropout: float = 0.0  # dropout on attention weights (> 0 keeps SDPA off its fused CPU kernel)
     # optimisation
-    epochs: int = 10  # passes over the training split
+    epochs: int = 0  # passes over the training split (0 = auto: 10, or no limit when max_minutes is set)
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     max_minutes: float = 0.0  # training-time budget: the schedule is sized to end on time (0 = off)
     batch_size: int = 32  # sentences per batch when max_tokens = 0
     accum_steps: int = 1  # batches per optimizer step (gradient accumulation; 1 = none)
-    max_tokens: int = 0  # source + target tokens per batch, padding included unless packed (0 = use batch_size)
+    max_tokens: int = -1  # source + target tokens per batch (0 = batch_size sentences; -1 = auto: CPU 0, CUDA 16384)
     batching: str = "packed"  # packed (random batches packed into rows), bucketed (similar lengths) or random
+    batch_shape: str = "auto"  # packed rows: fixed (one shape for CUDA graphs) or varied (auto: fixed on CUDA)
     pack_length: int = 64  # packed: tokens a side per row, or its longest sentence (wider: less pad, more attention)
     bucket_pool: int = 1000  # bucketed: batches' worth of shuffled examples sorted together (smaller = more random)
     pad_multiple: int = 0  # pad batch widths to a multiple of this (0 = auto: 8 on CUDA or packed, else 1)
-    lr: float = 5e-4  # OneCycle peak learning rate
+    lr: float = 0.0  # OneCycle peak learning rate (0 = auto: 5e-4, x sqrt(max_tokens / 2048) above 2048 tokens)
     weight_decay: float = 0.01  # AdamW weight decay
     pct_start: float = 0.1  # share of steps spent warming up to the peak lr
     three_phase: bool = False  # OneCycle: also anneal back to the initial lr before the final decay (reference)
@@ -69,6 +74,7 @@ class Config:
     # system
     amp: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: bf16 where measured faster than fp32), fp16, bf16, off
     compile: bool = False  # torch.compile the model for training
+    cuda_graph: bool = True  # replay each step as one CUDA graph (fixed batch_shape, bf16/fp32, one process)
     device: str = "auto"  # auto (cuda if available), cuda or cpu
     seed: int = 42  # seeds the split, the batches, initialisation and dropout
     num_workers: int = -1  # DataLoader worker processes (-1 = auto: 2 on CUDA, 0 on a CPU, whose cores train)
@@ -103,14 +109,14 @@ class Config:
                 f"--batching must be one of {', '.join(BATCHINGS)} (got {self.batching!r})")
         require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
         require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
-        for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "epochs", "batch_size",
+        for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "batch_size",
                      "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pack_length", "accum_steps",
                      "bucket_pool", "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
         require(self.num_workers >= -1, f"--num_workers must be -1 (auto) or more (got {self.num_workers})")
-        for name in ("n_decoder_layers", "max_steps", "max_minutes", "eval_every_minutes", "max_tokens", "max_len_diff",
-                     "n_eval_sentences", "grad_clip", "ema_decay", "dropout", "attn_dropout", "weight_decay",
-                     "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
+        for name in ("n_decoder_layers", "epochs", "max_steps", "max_minutes", "eval_every_minutes", "lr",
+                     "max_len_diff", "n_eval_sentences", "grad_clip", "ema_decay", "dropout", "attn_dropout",
+                     "weight_decay", "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % self.n_heads == 0,
                 f"n_heads must divide d_model (got {self.d_model} and {self.n_heads})")
@@ -126,15 +132,23 @@ class Config:
         require(self.max_len_a > 0 or self.max_len_b > 0, "--max_len_a or --max_len_b must be positive")
         require(self.ema_decay < 1, f"--ema_decay must be below 1 (got {self.ema_decay})")
         require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")
-        require(self.lr > 0, f"--lr must be positive (got {self.lr})")
         require(0 < self.pct_start < 1, f"--pct_start must be between 0 and 1 (got {self.pct_start})")
         require(self.div_factor > 0 and self.final_div_factor > 0,
                 "--div_factor and --final_div_factor must be positive")
-        require(self.max_tokens == 0 or self.max_tokens >= 16,
-                f"--max_tokens must be 0 or at least 16 (got {self.max_tokens})")
+        require(self.max_tokens in (-1, 0) or self.max_tokens >= 16,
+                f"--max_tokens must be -1 (auto), 0 or at least 16 (got {self.max_tokens})")
+        require(self.batch_shape in BATCH_SHAPES,
+                f"--batch_shape must be one of {', '.join(BATCH_SHAPES)} (got {self.batch_shape!r})")
+        require(self.batch_shape != "fixed" or (self.batching == "packed" and self.max_tokens != 0),
+                "--batch_shape fixed needs --batching packed and a token budget (--max_tokens -1 or at least 16)")
         for path in self.data_files:
             require(path.endswith((".jsonl", ".json", ".tsv", ".parquet")),
                     f"--data_files takes .jsonl, .tsv or .parquet files (got {path!r})")
+
+    def with_autos_from(self, saved):
+        """This config with each field left at auto taking its value in `saved` (a checkpoint's config dict)."""
+        return dataclasses.replace(self, **{name: saved[name] for name, auto in AUTO_VALUES.items()
+                                            if getattr(self, name) == auto and name in saved})
 
     @classmethod
     def from_args(cls, argv=None, prog=None):

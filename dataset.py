@@ -242,9 +242,35 @@ def pack_rows(lengths, pack_length):
     return rows
 
 
-def batch_layout(lengths, pad_multiple=1, fixed_lengths=None, pack_length=0):
+def fixed_shape(lengths, max_tokens, pack_length, multiple):
+    """(rows, source width, target width) of every batch under --batch_shape fixed: rows as wide as the longest
+    example on each side (or pack_length), as many as max_tokens (source + target, padding included) allows."""
+    src_width = padded_length(max(pack_length, max(s for s, _ in lengths)), multiple)
+    tgt_width = padded_length(max(pack_length, max(t for _, t in lengths)), multiple)
+    return max(1, max_tokens // (src_width + tgt_width)), src_width, tgt_width
+
+
+def next_fit(lengths, src_width, tgt_width):
+    """Examples in order, each to the current row while it fits, else to a new row. Fed the rows BatchSampler's
+    first-fit made, one after another, it remakes exactly those rows: an example went to a later row only
+    because it did not fit the earlier ones, which never got emptier."""
+    rows, src_load, tgt_load = [], src_width, tgt_width
+    for i, (src_len, tgt_len) in enumerate(lengths):
+        if src_load + src_len > src_width or tgt_load + tgt_len > tgt_width:
+            rows.append([])
+            src_load, tgt_load = 0, 0
+        rows[-1].append(i)
+        src_load, tgt_load = src_load + src_len, tgt_load + tgt_len
+    return rows
+
+
+def batch_layout(lengths, pad_multiple=1, fixed_lengths=None, pack_length=0, shape=None):
     """How collate lays out examples with these (source, target) lengths: the examples in each row
-    (one per row unless packing) and the padded source and target widths."""
+    (one per row unless packing; trailing rows may be empty under a fixed `shape`) and the padded source and
+    target widths."""
+    if shape:
+        rows = next_fit(lengths, shape[1], shape[2])
+        return rows + [[] for _ in range(shape[0] - len(rows))], shape[1], shape[2]
     rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(len(lengths))]
     if fixed_lengths:
         return rows, *fixed_lengths
@@ -252,14 +278,17 @@ def batch_layout(lengths, pad_multiple=1, fixed_lengths=None, pack_length=0):
             padded_length(max(sum(lengths[i][1] for i in row) for row in rows), pad_multiple))
 
 
-def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0):
+def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0, shape=None):
     """Pad source and target to this batch's own longest row (or to fixed_lengths); never truncate.
 
     pack_length > 0 packs several sentences end to end into each row (see pack_rows) and adds
     src_segments / tgt_segments: each token's sentence number within its row, 1, 2, ...; 0 = padding.
-    Each side is one flat tensor of all its sentences, scattered into place by index arithmetic."""
+    shape = (rows, source width, target width) packs the examples as BatchSampler's fixed shape did (next_fit),
+    into a batch of exactly that shape. Each side is one flat tensor of all its sentences, scattered into place
+    by index arithmetic."""
     rows, src_len, tgt_len = batch_layout([(len(s), len(t)) for s, _, t in examples], pad_multiple, fixed_lengths,
-                                          pack_length)
+                                          pack_length, shape)
+    n_rows, rows = len(rows), [row for row in rows if row]  # empty rows (a fixed shape's) come last
     order = [i for row in rows for i in row]
     sentences_per_row = torch.tensor([len(row) for row in rows])
     row_of_sentence = torch.arange(len(rows)).repeat_interleave(sentences_per_row)
@@ -275,7 +304,7 @@ def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0)
         return (row_of_sentence.repeat_interleave(lengths), columns.repeat_interleave(lengths) + within), lengths
 
     def scatter(values, where, width, fill):
-        batch = torch.full((len(rows), width), fill, dtype=torch.long)
+        batch = torch.full((n_rows, width), fill, dtype=torch.long)
         batch[where] = values
         return batch
 
@@ -284,16 +313,16 @@ def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0)
     batch = {"src": scatter(flat[0], src_where, src_len, pad_id),
              "tgt_in": scatter(flat[1], tgt_where, tgt_len, pad_id),
              "labels": scatter(flat[2], tgt_where, tgt_len, pad_id)}
-    if pack_length:
+    if pack_length or shape:
         batch["src_segments"] = scatter(number.repeat_interleave(src_lengths), src_where, src_len, 0)
         batch["tgt_segments"] = scatter(number.repeat_interleave(tgt_lengths), tgt_where, tgt_len, 0)
     return batch
 
 
-def make_collate(pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0):
+def make_collate(pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0, shape=None):
     """A picklable collate function, so DataLoader workers can use it."""
     return partial(collate, pad_id=pad_id, pad_multiple=pad_multiple, fixed_lengths=fixed_lengths,
-                   pack_length=pack_length)
+                   pack_length=pack_length, shape=shape)
 
 
 # ---------------------------------------------------------------- batching
@@ -307,32 +336,44 @@ class BatchSampler:
     order, so batches hold sentences of similar length and almost nothing is padding.
     Batches are cut by `max_tokens` (source + target tokens, padding to each batch's longest included
     unless packed; rounding up to --pad_multiple is not, so batches do not depend on it) or by
-    `batch_size`. With world_size > 1 each rank gets a disjoint shard with the same number of batches.
+    `batch_size`. A fixed `shape` (rows, source width, target width) instead fills that many rows first-fit:
+    each example goes to the first row with room on both sides, and the batch ends at the first example that
+    fits in none; its indices come row after row, for collate's next_fit to remake the rows.
+    With world_size > 1 each rank gets a disjoint shard with the same number of batches.
     `start_batch` skips batches of the current epoch already trained (mid-epoch resume).
     """
 
     def __init__(self, lengths, batch_size, max_tokens=0, batching="bucketed", shuffle=True, seed=0,
-                 rank=0, world_size=1, pool_batches=1000):
+                 rank=0, world_size=1, pool_batches=1000, shape=None):
         if batching not in BATCHINGS:
             raise ValueError(f"unknown batching {batching!r}")
+        self.shape = shape
         self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
         self.batching, self.shuffle, self.seed = batching, shuffle, seed
         self.rank, self.world_size, self.pool_batches = rank, world_size, pool_batches
-        self.epoch, self.start_batch, self._cached = 0, 0, None
+        self.epoch, self.start_batch, self._cached = 0, 0, {}
         if len(lengths) < world_size:
             raise SystemExit(f"error: {len(lengths)} training pairs cannot be shared among {world_size} processes")
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
-    def batches(self):
-        """Every batch of this rank for the current epoch, including those before start_batch."""
-        if self._cached is None or self._cached[0] != self.epoch:
-            self._cached = (self.epoch, self._make_batches())
-        return self._cached[1]
+    def batches(self, epoch=None):
+        """Every batch of this rank for the current epoch (or this one), including those before start_batch."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._cached:  # two epochs kept: a run's loader reads ahead into the next one
+            self._cached = {key: value for key, value in self._cached.items() if key == self.epoch}
+            self._cached[epoch] = self._make_batches(epoch)
+        return self._cached[epoch]
 
-    def _make_batches(self):
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+    def epochs_from(self, epoch, start_batch=0):
+        """Batches epoch after epoch without end, from batch start_batch of `epoch`: what one loader serves a run."""
+        while True:
+            yield from self.batches(epoch)[start_batch:]
+            epoch, start_batch = epoch + 1, 0
+
+    def _make_batches(self, epoch):
+        rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.lengths)))
         if self.shuffle:
             rng.shuffle(order)
@@ -341,7 +382,10 @@ class BatchSampler:
                                         max(1, self.max_tokens // max(1, self._mean_length())))
             order = [i for start in range(0, len(order), pool)
                      for i in sorted(order[start:start + pool], key=self._snake)]
-        batches = self._cut(order)
+        if self.shape:
+            batches = [[i for row in rows for i in row] for rows in self._first_fit(order)]
+        else:
+            batches = self._cut(order)
         if self.shuffle:
             rng.shuffle(batches)
         while len(batches) % self.world_size:  # split the largest batch until every rank gets as many
@@ -381,6 +425,29 @@ class BatchSampler:
             batches.append(batch)
         return batches
 
+    def _first_fit(self, order):
+        """The examples in this order packed into batches of self.shape's rows; returns each batch's rows."""
+        n_rows, src_width, tgt_width = self.shape
+        # a row with less room than the shortest example on either side takes no more: it leaves the search
+        shortest = min(s for s, _ in self.lengths), min(t for _, t in self.lengths)
+        batches, rows, open_rows = [], [], []
+        for i in order:
+            src_len, tgt_len = self.lengths[i]
+            k = next((k for k, row in enumerate(open_rows) if row[0] >= src_len and row[1] >= tgt_len), None)
+            if k is None:
+                if len(rows) == n_rows:  # fits in no row: the batch is full
+                    batches.append([row[2] for row in rows])
+                    rows, open_rows = [], []
+                rows.append([src_width, tgt_width, []])
+                open_rows.append(rows[-1])
+                k = len(open_rows) - 1
+            row = open_rows[k]
+            row[0], row[1] = row[0] - src_len, row[1] - tgt_len
+            row[2].append(i)
+            if row[0] < shortest[0] or row[1] < shortest[1]:
+                del open_rows[k]
+        return batches + [[row[2] for row in rows]]
+
     def __iter__(self):
         return iter(self.batches()[self.start_batch:])
 
@@ -390,23 +457,27 @@ class BatchSampler:
 
 # ---------------------------------------------------------------- putting it together
 
-def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True):
-    """Training batches as cfg.batching says; evaluation (shuffle=False) always uses plain length-sorted batches."""
+def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True, shape=None):
+    """Training batches as cfg.batching says (of one `shape` when given, see fixed_shape); evaluation
+    (shuffle=False) always uses plain length-sorted batches."""
     return BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.batching if shuffle else "bucketed",
-                                shuffle, cfg.seed, rank, world_size, cfg.bucket_pool)
+                        shuffle, cfg.seed, rank, world_size, cfg.bucket_pool, shape)
 
 
-def load_batches(data_set, sampler, cfg, pad_id, device):
-    """An iterator over the sampler's collated batches for `device`, made in loader processes (see
-    runtime.loader_workers) that leave stop signals to the main process (see runtime.start_loader)."""
+def make_loader(data_set, sampler, cfg, pad_id, device, batches=None):
+    """A DataLoader of collated batches for `device`, made in loader processes (see runtime.loader_workers) that
+    leave stop signals to the main process; iterate it through runtime.start_loader. batches: the index lists to
+    load, laid out as the sampler's are (default: the sampler's epoch), e.g. sampler.epochs_from(...), so that
+    one set of processes serves a whole run (at GPU speed an epoch can take less time than starting them)."""
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0
-    collate = make_collate(pad_id, runtime.pad_multiple(cfg, device), None, pack_length)
+    collate = make_collate(pad_id, runtime.pad_multiple(cfg, device), None, pack_length, sampler.shape)
+    workers = runtime.loader_workers(cfg, device)
     # A private generator keeps the DataLoader from drawing on the global RNG, which drives dropout:
     # otherwise a resumed run would see different dropout masks than an uninterrupted one.
-    return runtime.start_loader(torch.utils.data.DataLoader(
-        data_set, batch_sampler=sampler, num_workers=runtime.loader_workers(cfg, device), collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(), worker_init_fn=runtime.leave_stopping_to_the_main_process))
+    return torch.utils.data.DataLoader(
+        data_set, batch_sampler=batches or sampler, num_workers=workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", generator=torch.Generator(),
+        worker_init_fn=runtime.leave_stopping_to_the_main_process)
 
 
 @dataclasses.dataclass

@@ -1,10 +1,11 @@
 """Prove the GPU path end to end, offline, in one device call of under 8 minutes, and write one JSON summary:
 
-    python gpu_check.py [--data_files F ...] [--seconds 10] [--quality_minutes 1.5] [--out gpu_check.json]
+    python gpu_check.py [--data_files F ...] [--seconds 10] [--quality_minutes 1] [--out gpu_check.json]
 
-Runs tests/test_cuda.py (keeping pytest's whole output when a test fails), bench.py's variants (fp16, bf16,
-compile among them; fraction_of_peak and the attention kernels for each) at the reference architecture with a
-profile of the default step (wall ms, GPU-kernel ms and kernel launches per step), a time-to-quality run
+Runs tests/test_cuda.py (keeping pytest's whole output when a test fails), bench.py's variants (the default's
+CUDA graph against the same step launched eagerly, fp16, compile among them; fraction_of_peak and the attention
+kernels for each) at the reference architecture with a profile of the default step (wall ms, GPU-kernel ms,
+kernels run and launches made per step), a time-to-quality run
 (`train.py --max_minutes Q`: steps, val_loss and BLEU on the validation split), a 2-process torchrun run when
 two GPUs are visible, and records the torch, CUDA and cuDNN versions. Data: --data_files, else
 ../shared/data/*.jsonl where present, else the test fixture. Without a GPU it says so in one line (and in the
@@ -28,8 +29,11 @@ def run(command, timeout):
     started = time.time()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"returncode": None, "seconds": timeout, "error": f"timed out after {timeout} s"}, ""
+    except subprocess.TimeoutExpired as expired:  # keep what it printed: where it hung is the clue
+        printed = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+                          for part in (expired.stdout, expired.stderr))
+        return {"returncode": None, "seconds": timeout, "error": f"timed out after {timeout} s",
+                "output": printed}, ""
     report = {"returncode": result.returncode, "seconds": round(time.time() - started, 1)}
     if result.returncode:
         report["output"] = result.stdout + result.stderr
@@ -40,7 +44,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_files", nargs="*", help="pairs for bench.py and torchrun (default: see above)")
     parser.add_argument("--seconds", type=float, default=10.0, help="bench.py training time per variant")
-    parser.add_argument("--quality_minutes", type=float, default=1.5, help="--max_minutes of the time-to-quality run")
+    parser.add_argument("--quality_minutes", type=float, default=1.0, help="--max_minutes of the time-to-quality run")
     parser.add_argument("--out", default="gpu_check.json", help="where the JSON summary goes")
     args = parser.parse_args()
     data_files = (args.data_files or sorted(glob.glob(os.path.join(ROOT, "..", "shared", "data", "*.jsonl")))

@@ -4,8 +4,10 @@ loader workers and stop signals.
 Knows nothing about the data or the training loop.
 """
 import contextlib
+import dataclasses
 import datetime
 import functools
+import math
 import os
 import signal
 import time
@@ -14,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 CPU_PROBE_SIZE = 1024  # the matrix product timed at start-up on a CPU: seconds of start-up, not minutes
+GPU_MAX_TOKENS = 16384  # --max_tokens auto on CUDA (README: A token budget on a GPU)
+BASE_LR, BASE_LR_TOKENS = 5e-4, 2048  # --lr auto: BASE_LR up to BASE_LR_TOKENS per batch, then x sqrt(tokens / it)
 
 
 def setup_distributed(cfg):
@@ -30,6 +34,28 @@ def setup_distributed(cfg):
     # Ranks wait in collectives while rank 0 trains tokenizers or evaluates: far longer than the 10-min default.
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=6))
     return dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def resolve_autos(cfg, device):
+    """The config with its auto fields (config.AUTO_VALUES) made concrete for this device: a token budget on CUDA,
+    where small batches leave the GPU idle, with batches of one fixed shape for CUDA graphs, and a peak rate
+    raised with the square root of the batch (the gradient's noise falls as the batch grows)."""
+    max_tokens = cfg.max_tokens if cfg.max_tokens >= 0 else GPU_MAX_TOKENS if device.type == "cuda" else 0
+    batch_shape = cfg.batch_shape
+    if batch_shape == "auto":
+        batch_shape = "fixed" if device.type == "cuda" and cfg.batching == "packed" and max_tokens else "varied"
+    lr = cfg.lr or BASE_LR * math.sqrt(max(1.0, max_tokens / BASE_LR_TOKENS))
+    return dataclasses.replace(cfg, max_tokens=max_tokens, batch_shape=batch_shape, lr=lr)
+
+
+def graph_obstacle(cfg, device, dtype, world_size):
+    """Why the training step cannot be replayed as one CUDA graph here (None: it can). fp16's GradScaler decides
+    on the host; DDP's and accumulation's steps are several graphs' worth; compile has graphs of its own."""
+    reasons = [(not cfg.cuda_graph, "--cuda_graph false"), (device.type != "cuda", "not on CUDA"),
+               (cfg.batch_shape != "fixed", "batches of varied shapes (--batch_shape fixed)"),
+               (dtype == torch.float16, "fp16 with GradScaler"), (world_size > 1, "several processes"),
+               (cfg.accum_steps > 1, "--accum_steps above 1"), (cfg.compile, "--compile true")]
+    return next((reason for failed, reason in reasons if failed), None)
 
 
 def amp_dtype(amp, device):
@@ -50,8 +76,10 @@ def amp_dtype(amp, device):
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
 
 
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def autocast(device, dtype, cache=True):
+    """cache=False inside CUDA-graph capture, where autocast's cache of cast weights must not outlive the capture."""
+    return (torch.autocast(device.type, dtype=dtype, cache_enabled=cache) if dtype is not None
+            else contextlib.nullcontext())
 
 
 def pad_multiple(cfg, device):

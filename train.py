@@ -8,6 +8,9 @@ evaluation, the epoch loop, main(). For bench.py: `build_trainer`, `Trainer`, `t
 """
 import contextlib
 import dataclasses
+import functools
+import itertools
+import math
 import os
 import random
 import time
@@ -24,9 +27,12 @@ from averaging import WeightAverage
 from config import MODEL_FIELDS, Config
 from model import Transformer, translate
 from translate import score
-from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_signals, peak_flops,
-                     setup_distributed, synchronize)
+from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_signals, graph_obstacle, pad_multiple,
+                     peak_flops, resolve_autos, setup_distributed, start_loader, synchronize)
 
+DEFAULT_EPOCHS = 10  # --epochs 0 (auto) without --max_minutes
+GRAPH_WARMUP_STEPS = 3  # eager steps before the training step is captured as a CUDA graph
+UNSIZED_STEPS = 10 ** 9  # the schedule's length until --max_minutes has sized it (no epoch limit)
 CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
 clock = time.perf_counter  # every duration train.py measures; tests inject their own
 # GradScaler starts at 2**16; after this many skips in a row it is below 2**-8: fp16 then counts against nan_patience
@@ -48,7 +54,7 @@ class Schedule:
     rate an immediate check gives, and no step waits for the GPU. On a CPU bf16/fp32 check at once (a bool)."""
 
     def __init__(self, scheduler, frozen=False):
-        self.scheduler, self.pending, self.event = scheduler, None, None
+        self.scheduler, self.pending, self.verdict, self.event = scheduler, False, None, None
         self.frozen = frozen  # holds the initial rate while --max_minutes measures the step time
 
     def record(self, stepped):
@@ -57,30 +63,32 @@ class Schedule:
             if stepped and not self.frozen:
                 self.scheduler.step()
             return stepped
-        self.pending = stepped.to("cpu", non_blocking=True)  # lands in pinned memory
-        if stepped.is_cuda:
-            self.event = torch.cuda.Event()
+        if self.verdict is None:  # one page-locked host tensor, allocated once: the copy never waits
+            self.verdict = torch.empty((), dtype=torch.bool, pin_memory=stepped.is_cuda)
+            self.event = torch.cuda.Event() if stepped.is_cuda else None
+        self.verdict.copy_(stepped, non_blocking=True)
+        if self.event is not None:
             self.event.record()
+        self.pending = True
         return None
 
     def settle(self):
         """Apply the pending verdict, if any; returns it (None when nothing was pending)."""
-        if self.pending is None:
+        if not self.pending:
             return None
         if self.event is not None:
             self.event.synchronize()
-        stepped, self.pending, self.event = bool(self.pending), None, None
+        stepped, self.pending = bool(self.verdict), False
         if stepped and not self.frozen:
             self.scheduler.step()
         return stepped
 
 
-def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_id, world_size=1):
-    """One optimizer step over one or more batches (gradient accumulation). Returns (summed loss, target tokens,
-    verdicts, lr): verdicts lists whether the updates settled by this call happened (see Schedule), lr the rate
-    this update used. Every batch's loss is divided by the target tokens of all the step's batches on all ranks,
-    so accumulation and DDP's gradient averaging give exactly the gradient of one big batch. A skipped update
-    (non-finite gradients: fp16 overflow, or a NaN in any precision) leaves weights and schedule untouched."""
+def forward_backward(model, batches, optimizer, scaler, precision, cfg, pad_id, world_size=1, cache_casts=True):
+    """Forward and backward over one step's batches, then unscaling and clipping; returns (summed loss, target
+    tokens, whether the gradients are finite), all on the device. Every batch's loss is divided by the target
+    tokens of all the step's batches on all ranks, so accumulation and DDP's gradient averaging give exactly the
+    gradient of one big batch. cache_casts=False under CUDA-graph capture (see runtime.autocast)."""
     device, dtype = precision
     n_tokens = sum((batch["labels"] != pad_id).sum() for batch in batches)
     global_tokens = n_tokens.clone()
@@ -92,7 +100,7 @@ def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_
         # DDP all-reduces gradients once per step, on the last batch, not once per batch
         no_sync = model.no_sync() if world_size > 1 and not last else contextlib.nullcontext()
         with no_sync:
-            with autocast(device, dtype):
+            with autocast(device, dtype, cache_casts):
                 logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
             batch_loss = compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing)
             scaler.scale(batch_loss * world_size / global_tokens).backward()
@@ -100,25 +108,109 @@ def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_
     scaler.unscale_(optimizer)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-    verdicts = [schedule.settle()]
-    lr = optimizer.param_groups[0]["lr"]
-    finite = torch.isfinite(grad_norm)
+    return loss_sum, n_tokens, torch.isfinite(grad_norm)
+
+
+def apply_update(optimizer, scaler, finite, device):
+    """The optimizer step, skipped when the gradients are not finite (fp16 overflow, or a NaN in any precision).
+    On CUDA fused AdamW skips it on the device, told by the GradScaler under fp16 and by found_inf otherwise, so
+    nothing waits for the GPU (returns None); on a CPU the check is immediate (returns whether it stepped)."""
     if scaler.is_enabled():
-        scaler.step(optimizer)  # fused AdamW skips a non-finite step on the device, without a host sync
+        scaler.step(optimizer)
         scaler.update()
-        verdicts.append(schedule.record(finite))
-    elif device.type == "cuda":  # the same device-side skip without a scaler: no step waits for the GPU
+        return None
+    if device.type == "cuda":
         optimizer.found_inf = (~finite).float()
         optimizer.step()
         del optimizer.found_inf
-        verdicts.append(schedule.record(finite))
-    else:
-        stepped = bool(finite)
-        if stepped:
-            optimizer.step()
-        verdicts.append(schedule.record(stepped))
+        return None
+    stepped = bool(finite)
+    if stepped:
+        optimizer.step()
+    return stepped
+
+
+def train_step(model, batches, optimizer, schedule, scaler, precision, cfg, pad_id, world_size=1):
+    """One optimizer step over one or more batches (gradient accumulation). Returns (summed loss, target tokens,
+    verdicts, lr): verdicts lists whether the updates settled by this call happened (see Schedule), lr the rate
+    this update used. A skipped update leaves weights and schedule untouched."""
+    loss_sum, n_tokens, finite = forward_backward(model, batches, optimizer, scaler, precision, cfg, pad_id,
+                                                  world_size)
+    verdicts = [schedule.settle()]  # after this step's work is queued: the last step's verdict has long landed
+    lr = optimizer.param_groups[0]["lr"]
+    stepped = apply_update(optimizer, scaler, finite, precision[0])
+    verdicts.append(schedule.record(finite if stepped is None else stepped))
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, n_tokens, [v for v in verdicts if v is not None], lr
+
+
+def eager_step(trainer, group):
+    """train_step on a group of host batches, as PyTorch runs it: one kernel launch per operation."""
+    device = trainer.precision[0]
+    on_device = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in group]
+    return train_step(trainer.train_model, on_device, trainer.optimizer, trainer.schedule, trainer.scaler,
+                      trainer.precision, trainer.cfg, trainer.data.ids["pad"], trainer.world_size)
+
+
+class GraphedStep:
+    """train_step replayed as one CUDA graph: a thousand kernel launches become one, so the GPU no longer waits
+    for Python between kernels. The first GRAPH_WARMUP_STEPS steps run eagerly (they create the optimizer's
+    state and let cuBLAS and SDPA pick their kernels), the next is captured, and from then on each step copies
+    its batch into the graph's input tensors and replays it. Batches must all have one shape (--batch_shape
+    fixed). The optimizer reads its rate from a device tensor filled before each replay, so the schedule stays
+    on the host as in eager steps; fused AdamW skips a non-finite update inside the graph (found_inf). Should
+    the capture fail (an operation CUDA cannot record, on some GPU or library version), the run says so and
+    goes on with eager steps."""
+
+    def __init__(self, trainer):
+        self.trainer, self.eager_steps, self.graph, self.failed = trainer, 0, None, False
+
+    def __call__(self, group):
+        trainer, (batch,) = self.trainer, group
+        if self.eager_steps < GRAPH_WARMUP_STEPS or self.failed:
+            self.eager_steps += 1
+            return eager_step(trainer, group)
+        if self.graph is None:
+            try:
+                self.capture(batch)
+            except RuntimeError as error:
+                self.failed, self.graph = True, None
+                trainer.optimizer.zero_grad(set_to_none=True)
+                tqdm.write(f"warning: capturing the training step as a CUDA graph failed ({error}); training "
+                           "goes on without (--cuda_graph false)")
+                return eager_step(trainer, group)
+        for name, tensor in self.inputs.items():
+            if tensor.shape != batch[name].shape:
+                raise ValueError(f"a CUDA graph replays one batch shape: {tuple(batch[name].shape)} is not "
+                                 f"{tuple(tensor.shape)}")
+            tensor.copy_(batch[name], non_blocking=True)
+        verdicts = [trainer.schedule.settle()]
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        self.lr.fill_(lr)
+        self.graph.replay()
+        verdicts.append(trainer.schedule.record(self.finite))
+        return self.loss_sum, self.n_tokens, [v for v in verdicts if v is not None], lr
+
+    def capture(self, batch):
+        trainer = self.trainer
+        device = trainer.precision[0]
+        self.inputs = {name: tensor.to(device) for name, tensor in batch.items()}
+        groups = trainer.optimizer.param_groups
+        rates = [group["lr"] for group in groups]
+        self.lr = torch.tensor(rates[0], device=device)
+        for group in groups:  # only while capturing: checkpoints keep a plain optimizer
+            group["lr"], group["capturable"] = self.lr, True
+        trainer.optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        try:  # thread_local: the loader's pinning thread may allocate meanwhile
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss_sum, self.n_tokens, self.finite = forward_backward(
+                    trainer.train_model, [self.inputs], trainer.optimizer, trainer.scaler, trainer.precision,
+                    trainer.cfg, trainer.data.ids["pad"], cache_casts=False)
+                apply_update(trainer.optimizer, trainer.scaler, self.finite, device)
+        finally:
+            for group, rate in zip(groups, rates):
+                group["lr"], group["capturable"] = rate, False
 
 
 def make_optimizer(cfg, model, device, total_steps):
@@ -144,8 +236,8 @@ def evaluate(model, data, cfg, precision):
     device, dtype = precision
     model.eval()
     pad_id = data.ids["pad"]
-    batches = dataset.load_batches(data.val, dataset.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg,
-                                   pad_id, device)
+    batches = start_loader(dataset.make_loader(data.val, dataset.make_sampler(cfg, data.val.lengths(), shuffle=False),
+                                               cfg, pad_id, device))
     loss_sum, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -189,6 +281,7 @@ class Trainer:
     session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
     bad_steps: int = 0  # consecutive skipped updates, across epochs
     calibration_start: float = None  # when --max_minutes started timing steps
+    step: object = None  # runs one optimizer step on a group of host batches: eager_step or a GraphedStep
 
     @property
     def translator(self):  # what is evaluated and saved to translate with: the moving average, if any, else model
@@ -216,12 +309,17 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
                                               broadcast_buffers=False)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    sampler = dataset.make_sampler(cfg, data.train.lengths(), rank, world_size)
+    shape = (dataset.fixed_shape(data.train.lengths(), cfg.max_tokens, cfg.pack_length, pad_multiple(cfg, device))
+             if cfg.batch_shape == "fixed" else None)
+    sampler = dataset.make_sampler(cfg, data.train.lengths(), rank, world_size, shape=shape)
+    epochs = epoch_limit(cfg)
     steps_per_epoch = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs if epochs < math.inf else 1):
         sampler.set_epoch(epoch)
         steps_per_epoch.append(-(-len(sampler) // cfg.accum_steps))
-    total_steps = sum(steps_per_epoch) if not cfg.max_steps else min(cfg.max_steps, sum(steps_per_epoch))
+    # without an epoch limit --max_minutes sizes the run; until it has, the run is as long as it may be
+    total_steps = sum(steps_per_epoch) if epochs < math.inf else UNSIZED_STEPS
+    total_steps = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
     progress = (ckpt.Progress(**{key: checkpoint[key] for key in ckpt.PROGRESS_KEYS}) if checkpoint
                 else ckpt.Progress(total_steps))
     optimizer, scheduler = make_optimizer(cfg, model, device, progress.total_steps)
@@ -230,8 +328,9 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     if checkpoint:
         ckpt.restore(checkpoint, rank, model, optimizer, scheduler, scaler, average)
     flops = model.training_flops_per_token(data.train.lengths())
-    log(f"train: {progress.total_steps:,} steps{' (to be sized by --max_minutes)' if cfg.max_minutes else ''} over "
-        f"{cfg.epochs} epochs (~{steps_per_epoch[0]:,} optimizer steps of {cfg.accum_steps} batch(es) per epoch"
+    planned = (f"{progress.total_steps:,} steps{' (to be sized by --max_minutes)' if cfg.max_minutes else ''} over "
+               f"{epochs} epochs" if progress.total_steps < UNSIZED_STEPS else "steps sized by --max_minutes")
+    log(f"train: {planned} (~{steps_per_epoch[0]:,} optimizer steps of {cfg.accum_steps} batch(es) per epoch"
         f"{' per rank' if world_size > 1 else ''}, {cfg.batching}), device {device}, "
         f"amp {precision[1] or 'off (fp32)'}, {'world size ' + str(world_size) if world_size > 1 else 'single process'}"
         f", {flops / 1e6:.0f} MFLOP per token")
@@ -240,21 +339,22 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
     trainer = Trainer(cfg, model, train_model, optimizer, schedule, scaler, precision, sampler, data, rank,
                       world_size, flops, peak, average)
+    obstacle = graph_obstacle(cfg, device, precision[1], world_size)
+    trainer.step = GraphedStep(trainer) if obstacle is None else functools.partial(eager_step, trainer)
+    log(f"batches: {'%d rows of %d + %d tokens, every one' % shape if shape else 'rows of varied shape'}; "
+        f"CUDA graph: {'on' if obstacle is None else 'off (' + obstacle + ')'}")
     return trainer, progress
 
 
 def training_steps(trainer, batches):
     """The one training loop (train_epoch's and bench.py's): one optimizer step per `accum_steps` batches, then
     the moving average, if any. Yields (the step's batches, summed loss, target tokens, verdicts, lr) per step."""
-    cfg, device = trainer.cfg, trainer.precision[0]
     batches = iter(batches)
     while True:
-        group = [batch for _, batch in zip(range(cfg.accum_steps), batches)]
+        group = [batch for _, batch in zip(range(trainer.cfg.accum_steps), batches)]
         if not group:
             return
-        on_device = [{k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in group]
-        step = train_step(trainer.train_model, on_device, trainer.optimizer, trainer.schedule, trainer.scaler,
-                          trainer.precision, cfg, trainer.data.ids["pad"], trainer.world_size)
+        step = trainer.step(group)
         if trainer.average is not None:
             trainer.average.update(trainer.model)
         yield group, *step
@@ -288,19 +388,21 @@ def calibrate(trainer, progress, train_seconds):
     trainer.schedule.frozen = False
 
 
-def train_epoch(trainer, progress, sums, stop_signal, writer):
-    """Train from progress.batch_in_epoch to the end of the epoch (or of the schedule, or a stop signal).
-    Returns the epoch's running sums and whether a signal interrupted it."""
+def train_epoch(trainer, progress, sums, stop_signal, writer, batches):
+    """Train from progress.batch_in_epoch to the end of the epoch (or of the schedule, or a stop signal), taking
+    this epoch's batches from `batches`, the run's loader. Returns the epoch's running sums and whether a signal
+    interrupted it."""
     cfg, (device, _), is_main = trainer.cfg, trainer.precision, trainer.rank == 0
     pad_id = trainer.data.ids["pad"]
     trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-    batches = dataset.load_batches(trainer.data.train, trainer.sampler, cfg, pad_id, device)
+    batches = itertools.islice(batches, len(trainer.sampler))
     loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
     n_tokens = torch.tensor(sums["tokens"], device=device)
     real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
     started = clock()
+    of_epochs = f"/{epoch_limit(cfg)}" if epoch_limit(cfg) < math.inf else ""
     progress_bar = tqdm(total=progress.batch_in_epoch + len(trainer.sampler), initial=progress.batch_in_epoch,
-                        desc=f"epoch {progress.epoch + 1}/{cfg.epochs}", disable=not is_main, dynamic_ncols=True)
+                        desc=f"epoch {progress.epoch + 1}{of_epochs}", disable=not is_main, dynamic_ncols=True)
     interrupted, lr = False, 0.0
     patience = cfg.nan_patience + (FP16_SCALE_HALVINGS if trainer.scaler.is_enabled() else 0)
     steps = training_steps(trainer, batches) if progress.step < progress.total_steps else ()
@@ -342,6 +444,11 @@ def train_epoch(trainer, progress, sums, stop_signal, writer):
     return sums, interrupted
 
 
+def epoch_limit(cfg):
+    """--epochs, or auto (0): DEFAULT_EPOCHS, or no limit with --max_minutes, whose time budget then decides."""
+    return cfg.epochs or (math.inf if cfg.max_minutes else DEFAULT_EPOCHS)
+
+
 def budget_spent(cfg, train_seconds):
     return bool(cfg.max_minutes) and train_seconds >= cfg.max_minutes * 60
 
@@ -373,7 +480,7 @@ def evaluation_due(cfg, progress, sums):
     """At an epoch's end: evaluate (and save) at the run's end or after --eval_every_minutes of training (auto:
     every epoch, or ten times in --max_minutes), so short epochs (a GPU's) do not spend more time evaluating."""
     interval = cfg.eval_every_minutes or cfg.max_minutes / 10
-    return (progress.epoch >= cfg.epochs or progress.step >= progress.total_steps or
+    return (progress.epoch >= epoch_limit(cfg) or progress.step >= progress.total_steps or
             budget_spent(cfg, progress.train_seconds) or sums["seconds"] >= interval * 60)
 
 
@@ -427,7 +534,8 @@ def run(cfg, rank, world_size, device):
     log = print if is_main else (lambda *args, **kwargs: None)
     precision = (device, amp_dtype(cfg.amp, device))
     paths = {name: os.path.join(cfg.run_dir, name) for name in ("last.pt", "best.pt", "metrics.jsonl")}
-    checkpoint, resume_path = ckpt.load_for_resume(cfg, paths["last.pt"], world_size, log)
+    checkpoint, resume_path, cfg = ckpt.load_for_resume(cfg, paths["last.pt"], world_size, log)
+    cfg = resolve_autos(cfg, device)  # a resumed run's autos are its checkpoint's values already
     tokenizers = ckpt.tokenizers_of(checkpoint, resume_path) if checkpoint else None
     data = dataset.prepare_shared_data(cfg, tokenizers, is_main, world_size, log)
     if checkpoint:
@@ -447,7 +555,10 @@ def run(cfg, rank, world_size, device):
     stop_signal = catch_stop_signals()
     best_val = min((line["val_loss"] for line in progress.history), default=float("inf"))
     saved = False
-    while progress.epoch < cfg.epochs and progress.step < progress.total_steps:
+    # one loader, whose worker processes serve every epoch of the run
+    batches = start_loader(dataset.make_loader(data.train, trainer.sampler, cfg, data.ids["pad"], device,
+                                               trainer.sampler.epochs_from(progress.epoch, progress.batch_in_epoch)))
+    while progress.epoch < epoch_limit(cfg) and progress.step < progress.total_steps:
         # a signal that came during the last evaluation, or a budget spent by the epoch's last steps
         stop, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)], world_size,
                                      device)
@@ -461,7 +572,7 @@ def run(cfg, rank, world_size, device):
             ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
             saved = True
             break
-        sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer)
+        sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer, batches)
         if interrupted:
             ckpt.save(trainer, progress, sums, paths["last.pt"], is_main)
             log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "

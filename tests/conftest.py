@@ -10,11 +10,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pairs.jsonl")
 sys.path.insert(0, ROOT)
 
+from config import Config  # noqa: E402
 from model import Transformer  # noqa: E402
+from runtime import resolve_autos  # noqa: E402
 
 PAD, SOS, EOS = 0, 2, 3
 TINY = ["--d_model", "32", "--n_heads", "2", "--d_ff", "64", "--n_layers", "2", "--n_unique_layers", "1",
         "--device", "cpu", "--max_tokens", "600", "--n_eval_sentences", "8", "--log_every", "5"]
+
+
+def cpu_config(**fields):
+    """A Config with its auto fields resolved as a run on a CPU resolves them (the peak lr, for one)."""
+    return resolve_autos(Config(**fields), torch.device("cpu"))
 
 
 def tiny_args(run_dir, *extra):

@@ -1,17 +1,31 @@
 import pytest
+import torch
 
 from config import Config
+from runtime import resolve_autos
 
 
 def test_defaults_keep_the_reference_architecture_with_the_measured_recipe():
     """The reference recipe itself is one README command (test_train checks it); the defaults are the README's
-    time-to-quality choice: two-phase cosine OneCycle at the reference's peak, no dropout, packed batches."""
-    cfg = Config.from_args([])
+    time-to-quality choice: two-phase cosine OneCycle at the reference's peak, no dropout, packed batches (on a
+    CPU; CUDA's autos are tested below)."""
+    cfg = resolve_autos(Config.from_args([]), torch.device("cpu"))
     assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == (512, 8, 128, 6, 3, "cycle_rev")
     assert (cfg.dataset, cfg.lang_src, cfg.lang_tgt, cfg.tokenizer, cfg.amp) == ("opus_books", "en", "fr", "word", "auto")
     assert (cfg.lr, cfg.pct_start, cfg.three_phase, cfg.anneal_strategy) == (5e-4, 0.1, False, "cos")
     assert (cfg.label_smoothing, cfg.dropout, cfg.attn_dropout, cfg.batch_size) == (0.1, 0.0, 0.0, 32)
     assert (cfg.batching, cfg.max_tokens, cfg.accum_steps) == ("packed", 0, 1)  # random batches of 32, packed
+    assert (cfg.batch_shape, cfg.epochs) == ("varied", 0)  # epochs 0: 10, or as many as --max_minutes allows
+
+
+def test_cuda_autos_are_a_token_budget_of_fixed_shape_with_a_raised_rate():
+    cfg = resolve_autos(Config(), torch.device("cuda"))
+    assert (cfg.max_tokens, cfg.batch_shape) == (16384, "fixed")
+    assert cfg.lr == pytest.approx(5e-4 * (16384 / 2048) ** 0.5)
+    assert resolve_autos(Config(max_tokens=1024), torch.device("cuda")).lr == 5e-4  # never below the base rate
+    chosen = resolve_autos(Config(lr=1e-3, batch_shape="varied", max_tokens=4096), torch.device("cuda"))
+    assert (chosen.lr, chosen.batch_shape, chosen.max_tokens) == (1e-3, "varied", 4096)  # flags win over autos
+    assert resolve_autos(Config(batching="bucketed"), torch.device("cuda")).batch_shape == "varied"
 
 
 def test_flags_are_derived_from_fields():
@@ -38,6 +52,11 @@ def test_flags_are_derived_from_fields():
     (["--length_penalty", "nan"], "--length_penalty must be a finite number (got nan)"),
     (["--max_len_a", "inf"], "--max_len_a must be a finite number (got inf)"),
     (["--max_len_a", "-1"], "--max_len_a must not be negative (got -1.0)"),
+    (["--max_tokens", "-2"], "--max_tokens must be -1 (auto), 0 or at least 16"),
+    (["--lr", "-0.001"], "--lr must not be negative"),
+    (["--batch_shape", "square"], "--batch_shape must be one of auto, fixed, varied"),
+    (["--batch_shape", "fixed", "--batching", "bucketed"], "--batch_shape fixed needs --batching packed"),
+    (["--batch_shape", "fixed", "--max_tokens", "0"], "--batch_shape fixed needs --batching packed and a token"),
 ])
 def test_bad_flags_exit_with_one_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

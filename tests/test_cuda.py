@@ -1,15 +1,19 @@
 """The CUDA path: mixed precision, packed rows, cached decoding, compile, resume from a CPU checkpoint and host
 syncs. Every test is skipped without a GPU (`python gpu_check.py` runs them on one)."""
+import itertools
+import math
 import warnings
 
 import pytest
 import torch
 
 import dataset
+import runtime
 import train
 from averaging import WeightAverage
 from config import Config
-from conftest import EOS, PAD, SOS, make_model, random_batch, tiny_args
+from conftest import EOS, FIXTURE, PAD, SOS, cpu_config, make_model, random_batch, tiny_args
+from runtime import resolve_autos
 from test_train import Crash, crash_at, one_batch, read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -83,7 +87,7 @@ def test_compile_keeps_to_two_graphs_over_varied_shapes():
     import torch._dynamo as dynamo
     dynamo.reset()
     dynamo.utils.counters.clear()
-    cfg = Config()
+    cfg = cpu_config()
     model = make_model().to(CUDA).train()
     compiled = torch.compile(model)
     optimizer, scheduler = train.make_optimizer(cfg, model, CUDA, 10)
@@ -108,7 +112,7 @@ def test_a_cpu_checkpoint_resumes_on_cuda(tmp_path, monkeypatch):
 
 
 def count_syncs(dtype, steps=4):
-    cfg = Config(dropout=0.0)
+    cfg = cpu_config(dropout=0.0)
     model = make_model().to(CUDA).train()
     optimizer, scheduler = train.make_optimizer(cfg, model, CUDA, 100)
     schedule = train.Schedule(scheduler)
@@ -139,3 +143,118 @@ def test_no_train_step_waits_for_the_gpu_in_any_precision():
     the moving average of the weights is updated without reading anything back either."""
     for dtype in (torch.float16, torch.bfloat16, None):
         assert count_syncs(dtype) == 0, dtype
+
+
+def graph_trainer(cuda_graph, amp, **fields):
+    """train.py's own trainer on the fixture, with batches of one fixed shape."""
+    cfg = resolve_autos(Config(data_files=[FIXTURE], d_model=32, n_heads=2, d_ff=64, n_layers=2, n_unique_layers=1,
+                               max_tokens=1024, amp=amp, cuda_graph=cuda_graph, **fields), CUDA)
+    data = dataset.prepare_data(cfg, log=lambda message: None)
+    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, (CUDA, runtime.amp_dtype(amp, CUDA)), lambda m: None)
+    collate = dataset.make_collate(data.ids["pad"], 8, shape=trainer.sampler.shape)
+    batches = [collate([data.train[i] for i in indices]) for indices in trainer.sampler]
+    return trainer, [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
+
+
+@pytest.mark.parametrize("amp, rel", [("bf16", 2e-3), ("off", 1e-5)])
+def test_a_cuda_graph_step_computes_what_eager_steps_compute(amp, rel):
+    """Tolerance: the graph may get other cuBLAS kernels than eager steps (its own workspace), whose sums round
+    differently; bf16 rounds those differences up to its own precision."""
+    results = []
+    for cuda_graph in (False, True):
+        trainer, batches = graph_trainer(cuda_graph, amp)
+        assert isinstance(trainer.step, train.GraphedStep) == cuda_graph
+        losses = [float(loss) / int(tokens) for _, loss, tokens, _, _ in train.training_steps(trainer, batches * 2)]
+        trainer.schedule.settle()
+        results.append((losses, trainer.model.state_dict(), trainer.schedule.scheduler.last_epoch))
+    assert len(results[0][0]) > train.GRAPH_WARMUP_STEPS + 3 and trainer.step.graph is not None
+    (eager_losses, eager_weights, eager_steps), (graph_losses, graph_weights, graph_steps) = results
+    assert graph_losses == pytest.approx(eager_losses, rel=rel) and graph_steps == eager_steps
+    for name, weight in eager_weights.items():
+        torch.testing.assert_close(graph_weights[name], weight, rtol=rel, atol=rel / 10)
+
+
+def test_a_cuda_graph_step_skips_a_non_finite_update_and_launches_a_few_kernels():
+    from torch.profiler import ProfilerActivity, profile
+    trainer, batches = graph_trainer(True, "bf16", ema_decay=0)
+    steps = train.training_steps(trainer, itertools.cycle(batches))
+    for _ in range(train.GRAPH_WARMUP_STEPS + 2):
+        next(steps)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(4):
+            next(steps)
+        torch.cuda.synchronize()
+    launches = [e for e in profiler.events() if e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch"))]
+    kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(launches) / 4 <= 12 < 100 <= len(kernels) / 4  # the step's hundreds of kernels in one graph launch
+    trainer.schedule.settle()
+    rate_steps = trainer.schedule.scheduler.last_epoch
+    weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    with torch.no_grad():
+        trainer.model.output.weight[0, 0] = float("nan")
+    next(steps)
+    assert trainer.schedule.settle() is False and trainer.schedule.scheduler.last_epoch == rate_steps
+    for name, value in trainer.model.state_dict().items():
+        if name != "output.weight":
+            assert torch.equal(value, weights[name]), name
+
+
+def test_no_cuda_graph_step_waits_for_the_gpu():
+    trainer, batches = graph_trainer(True, "bf16")
+    steps = train.training_steps(trainer, itertools.cycle(batches))
+    for _ in range(train.GRAPH_WARMUP_STEPS + 2):
+        next(steps)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(4):
+                next(steps)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchroniz" in str(w.message)]
+
+
+def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
+    """The default on CUDA: fixed batch shapes, replayed as a graph. Killed in epoch 2 and resumed (warming up
+    eagerly again, then capturing anew), the run must end as the uninterrupted one did (to the rounding of
+    graph against eager kernels, see above)."""
+    args = ("--epochs", "3", "--device", "cuda", "--max_tokens", "1024")
+    train.main(tiny_args(tmp_path / "straight", *args))
+    straight = read_metrics(tmp_path / "straight")
+    real_steps, taken = train.training_steps, []
+
+    def steps(trainer, batches):
+        assert isinstance(trainer.step, train.GraphedStep)
+        for item in real_steps(trainer, batches):
+            taken.append(1)
+            if len(taken) == straight[0]["step"] + train.GRAPH_WARMUP_STEPS + 2:
+                raise Crash
+            yield item
+
+    monkeypatch.setattr(train, "training_steps", steps)
+    with pytest.raises(Crash):
+        train.main(tiny_args(tmp_path / "resumed", *args))
+    monkeypatch.undo()
+    train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
+    resumed = read_metrics(tmp_path / "resumed")
+    assert [line["step"] for line in straight] == [line["step"] for line in resumed]
+    for a, b in zip(straight, resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=2e-3)
+
+
+def test_a_failed_capture_leaves_the_run_training_eagerly(monkeypatch, capsys):
+    real_update = train.apply_update
+
+    def update_that_cannot_be_captured(*args):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real_update(*args)
+
+    monkeypatch.setattr(train, "apply_update", update_that_cannot_be_captured)
+    trainer, batches = graph_trainer(True, "bf16")
+    losses = [float(loss) / int(tokens) for _, loss, tokens, _, _ in train.training_steps(trainer, batches * 2)]
+    assert trainer.step.failed and trainer.step.graph is None and all(map(math.isfinite, losses))
+    assert losses[-1] < losses[0] and "training goes on without" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 import json
+import random
 from collections import Counter
 
 import pytest
@@ -193,6 +194,55 @@ def test_pack_rows_places_every_example_once_in_balanced_rows():
     loads = [sum(lens[i][0] for i in row) for row in rows]
     assert max(loads) - min(loads) < 60  # no row much longer than the others: that would be padding
     assert dataset.pack_rows([(5, 5), (300, 280)], pack_length=100) == [[1], [0]]  # long sentences are never cut
+
+
+def fixed_sampler(lens, max_tokens=4096, seed=0):
+    shape = dataset.fixed_shape(lens, max_tokens, pack_length=64, multiple=8)
+    return dataset.BatchSampler(lens, batch_size=32, max_tokens=max_tokens, batching="packed", seed=seed,
+                                shape=shape), shape
+
+
+def test_fixed_shape_batches_all_have_one_shape_and_every_example_once():
+    lens = lengths(2000) + [(130, 139)]  # one long pair sets the width: it is never cut
+    sampler, shape = fixed_sampler(lens)
+    assert shape == (14, 136, 144)  # 4096 // (136 + 144) rows
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        seen, real = Counter(), 0
+        for batch in sampler:
+            rows, src_width, tgt_width = dataset.batch_layout([lens[i] for i in batch], shape=shape)
+            assert (len(rows), src_width, tgt_width) == shape
+            for row in rows:  # every row fits, on both sides
+                assert sum(lens[batch[i]][0] for i in row) <= src_width
+                assert sum(lens[batch[i]][1] for i in row) <= tgt_width
+            seen.update(batch)
+            real += sum(sum(lens[i]) for i in batch)
+        assert sorted(seen) == list(range(len(lens))) and set(seen.values()) == {1}
+        # first-fit leaves little pad, the epoch's last, partly filled batch included
+        assert 1 - real / (len(sampler) * shape[0] * (shape[1] + shape[2])) < 0.08
+
+
+def test_next_fit_remakes_the_rows_first_fit_made():
+    """The sampler's rows are not passed to the loader's workers, only the order of their examples: the
+    workers' next_fit must rebuild exactly the rows the sampler filled, or a batch could overflow its shape."""
+    lens = lengths(3000, seed=3)
+    sampler, shape = fixed_sampler(lens, max_tokens=2048)
+    order = list(range(len(lens)))
+    random.Random(1).shuffle(order)
+    for rows in sampler._first_fit(order):
+        batch = [i for row in rows for i in row]
+        remade, _, _ = dataset.batch_layout([lens[i] for i in batch], shape=shape)
+        assert [[batch[i] for i in row] for row in remade if row] == rows
+
+
+def test_fixed_shape_collate_fills_the_whole_shape():
+    data = dataset.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14]], [[20], [21, 22], [23, 24, 25]],
+                                      sos_id=2, eos_id=3)
+    batch = dataset.collate([data[i] for i in range(3)], pad_id=0, shape=(4, 8, 8))
+    assert all(tensor.shape == (4, 8) for tensor in batch.values())
+    assert batch["src_segments"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1],
+                                              [1, 1, 0, 0, 0, 0, 0, 0], [0] * 8]  # next-fit rows, then an empty one
+    assert (batch["labels"][3] == 0).all()
 
 
 def test_packed_collate_keeps_every_token_and_numbers_sentences():

@@ -10,10 +10,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import dataset
 import train
-from config import Config
-from conftest import EOS, ROOT, SOS, PAD, make_model, tiny_args
+from conftest import EOS, ROOT, SOS, PAD, cpu_config, make_model, tiny_args
 
-CFG = Config(dropout=0.0)
+CFG = cpu_config(dropout=0.0)
 STEPS = 4
 
 

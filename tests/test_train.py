@@ -10,7 +10,7 @@ import dataset
 import runtime
 import train
 from config import Config
-from conftest import PAD, SOS, make_model, random_batch, run_script, tiny_args
+from conftest import PAD, SOS, cpu_config, make_model, random_batch, run_script, tiny_args
 
 
 def read_metrics(run_dir):
@@ -45,7 +45,7 @@ def test_end_to_end_train_then_translate(tmp_path):
 
 
 def test_gradscaler_skip_does_not_step_the_scheduler():
-    cfg = Config()
+    cfg = cpu_config()
     model = make_model().train()
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
     schedule = train.Schedule(scheduler)
@@ -63,7 +63,7 @@ def test_gradscaler_skip_does_not_step_the_scheduler():
 
 
 def test_bf16_autocast_trains_on_cpu():
-    cfg = Config(amp="bf16")
+    cfg = cpu_config(amp="bf16")
     model = make_model().train()
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
     precision = (torch.device("cpu"), runtime.amp_dtype(cfg.amp, torch.device("cpu")))
@@ -80,7 +80,7 @@ def test_onecycle_ends_exactly_at_its_total(tmp_path):
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
     lines = read_metrics(tmp_path)
     assert checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == lines[-1]["step"]
-    assert lines[-1]["lr"] == pytest.approx(Config().lr / 10 / 10)
+    assert lines[-1]["lr"] == pytest.approx(cpu_config().lr / 10 / 10)
     train.main(tiny_args(tmp_path / "short", "--epochs", "2", "--max_steps", "7"))
     checkpoint = torch.load(tmp_path / "short" / "last.pt", weights_only=False)
     assert checkpoint["step"] == checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == 7
@@ -155,8 +155,9 @@ def test_moving_average_of_the_weights_is_what_is_evaluated_and_saved(tmp_path, 
     monkeypatch.setattr(train, "train_step", step)
     train.main(tiny_args(tmp_path, "--epochs", "1", "--ema_decay", str(decay)))
     expected = dict(trained[0])
-    for weights in trained[1:]:
-        expected = {name: decay * expected[name] + (1 - decay) * weights[name] for name in weights}
+    for n, weights in enumerate(trained[1:], 1):
+        warmed = min(decay, (1 + n) / (10 + n))  # the average's warm-up (averaging.WeightAverage)
+        expected = {name: warmed * expected[name] + (1 - warmed) * weights[name] for name in weights}
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["ema_updates"] == len(trained) > 1
     for name, value in checkpoint["model"].items():
@@ -241,7 +242,7 @@ def test_compile_survives_changing_batch_shapes(pack_length):
     import torch._dynamo as dynamo
     dynamo.reset()
     dynamo.utils.counters.clear()
-    cfg = Config()
+    cfg = cpu_config()
     model = make_model().train()
     compiled = torch.compile(model, backend="aot_eager")  # the inductor backend needs minutes of C++ builds
     optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
@@ -299,7 +300,7 @@ def sgd_step(model, batches, precision=(torch.device("cpu"), None)):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     schedule = train.Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
     train.train_step(model, batches, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), precision,
-                     Config(dropout=0.0), PAD)
+                     cpu_config(dropout=0.0), PAD)
     return model.state_dict()
 
 
@@ -317,7 +318,7 @@ def test_gradient_accumulation_equals_one_batch_as_large():
 
 
 def test_fused_adamw_step_equals_the_unfused_update():
-    cfg = Config()
+    cfg = cpu_config()
     optimizer = train.make_optimizer(cfg, make_model(), torch.device("cpu"), 10)[0]
     assert optimizer.param_groups[0]["fused"]
     generator = torch.Generator().manual_seed(0)
@@ -433,7 +434,7 @@ def test_max_minutes_sizes_a_short_run_so_it_still_warms_up_and_anneals(tmp_path
     checkpoint, lines = torch.load(tmp_path / "last.pt", weights_only=True), read_metrics(tmp_path)
     assert checkpoint["calibrated"] and checkpoint["step"] == checkpoint["total_steps"] == lines[-1]["step"]
     schedule = checkpoint["scheduler"]
-    assert 0 < schedule["last_epoch"] == schedule["total_steps"] and lines[-1]["lr"] == pytest.approx(Config().lr / 100)
+    assert 0 < schedule["last_epoch"] == schedule["total_steps"] and lines[-1]["lr"] == pytest.approx(cpu_config().lr / 100)
 
 
 def test_max_minutes_sizes_a_run_of_slow_steps_early(tmp_path, monkeypatch):
@@ -489,7 +490,7 @@ def test_fused_adamw_skips_an_update_it_is_told_is_not_finite():
     """What the CUDA step relies on to skip without a host sync: fused AdamW given found_inf = 1 leaves the
     weights, moments and step count as they were, and found_inf = 0 updates as usual."""
     model = make_model()
-    optimizer = train.make_optimizer(Config(), model, torch.device("cpu"), 10)[0]
+    optimizer = train.make_optimizer(cpu_config(), model, torch.device("cpu"), 10)[0]
     for parameter in model.parameters():
         parameter.grad = torch.ones_like(parameter)
     optimizer.step()
@@ -526,3 +527,45 @@ def test_short_epochs_are_evaluated_at_an_interval_and_resume_exactly(tmp_path, 
         assert (a["step"], a["epoch_seconds"]) == (b["step"], pytest.approx(b["epoch_seconds"]))
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+
+
+def test_epochs_auto_means_ten_or_as_many_as_the_time_budget_allows(tmp_path, monkeypatch):
+    fake_clock(monkeypatch, lambda n: 0.05)
+    train.main(tiny_args(tmp_path / "epochs"))
+    assert read_metrics(tmp_path / "epochs")[-1]["epoch"] == train.DEFAULT_EPOCHS
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    train.main(tiny_args(tmp_path / "budget", "--max_minutes", "0.1"))  # 6 s hold 120 steps of 0.05 s
+    checkpoint = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] > train.DEFAULT_EPOCHS and 119 <= checkpoint["step"] == checkpoint["total_steps"] <= 120
+
+
+def test_a_resumed_run_keeps_the_batches_and_rate_its_autos_resolved_to(tmp_path, monkeypatch):
+    """Begun with a fixed batch shape, a token budget and a peak rate (CUDA's autos, written out here), stopped,
+    then resumed with every one of them left at auto, as on another device: it must go on exactly as begun."""
+    begun = ("--epochs", "2", "--max_tokens", "700", "--batch_shape", "fixed", "--lr", "1e-3", "--dropout", "0.2")
+    train.main(tiny_args(tmp_path / "straight", *begun))
+    crash_at(monkeypatch, read_metrics(tmp_path / "straight")[0]["step"] + 2, "kill")  # in epoch 2
+    with pytest.raises(Crash):
+        train.main(tiny_args(tmp_path / "resumed", *begun))
+    monkeypatch.undo()
+    autos = ("--max_tokens", "-1", "--batch_shape", "auto", "--lr", "0", "--epochs", "0", "--resume", "auto")
+    train.main(tiny_args(tmp_path / "resumed", "--dropout", "0.2", *autos))
+    saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["config"]
+    assert (saved["max_tokens"], saved["batch_shape"], saved["lr"], saved["epochs"]) == (700, "fixed", 1e-3, 2)
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [line["step"] for line in straight] == [line["step"] for line in resumed]
+    for a, b in zip(straight, resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+
+
+def test_one_loader_serves_every_epoch_of_a_run(tmp_path, monkeypatch):
+    """At GPU speed an epoch can take less time than starting loader processes: they start once per run."""
+    real_loader, training_loaders = dataset.make_loader, []
+
+    def make_loader(*args, **kwargs):
+        training_loaders.extend([1] if kwargs.get("batches", args[5] if len(args) > 5 else None) else [])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "make_loader", make_loader)
+    train.main(tiny_args(tmp_path, "--epochs", "3", "--num_workers", "1"))
+    assert len(read_metrics(tmp_path)) == 3 and len(training_loaders) == 1
