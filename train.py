@@ -296,6 +296,8 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     """The model (wrapped for DDP / compile), optimizer, schedule, scaler and sampler of a run, restored from
     `checkpoint` when resuming; returns (trainer, progress)."""
     device = precision[0]
+    if cfg.max_tokens < 0 or cfg.batch_shape == "auto" or not cfg.lr:
+        raise ValueError("build_trainer needs a config whose autos are resolved (runtime.resolve_autos)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model = Transformer(data.src_tokenizer.get_vocab_size(), data.tgt_tokenizer.get_vocab_size(), data.ids["pad"],
