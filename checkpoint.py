@@ -162,7 +162,7 @@ def load_for_resume(cfg, last_path, world_size, log):
     if not resume_path:
         return None, None, cfg
     checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + PROGRESS_KEYS)
-    cfg = cfg.with_autos_from({**PREDATED_FIELDS, **checkpoint["config"]})
+    cfg = cfg.with_autos_from(saved_config(checkpoint))
     check_resumable(checkpoint, cfg, resume_path, world_size)
     log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
         f"step {checkpoint['step']})")
@@ -198,8 +198,13 @@ def saved_step(path):
         return None
 
 
+def saved_config(checkpoint):
+    """The config a checkpoint was trained with, fields it predates included (PREDATED_FIELDS)."""
+    return {**PREDATED_FIELDS, **checkpoint["config"]}
+
+
 def check_resumable(checkpoint, cfg, path, world_size):
-    saved = {**PREDATED_FIELDS, **checkpoint["config"]}
+    saved = saved_config(checkpoint)
     for name, value in dataclasses.asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
             raise SystemExit(f"error: {path} was trained with --{name} {saved.get(name)} but this run has --{name} "

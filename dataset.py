@@ -254,9 +254,9 @@ def next_fit(lengths, src_width, tgt_width):
     """Examples in order, each to the current row while it fits, else to a new row. Fed the rows BatchSampler's
     first-fit made, one after another, it remakes exactly those rows: an example went to a later row only
     because it did not fit the earlier ones, which never got emptier."""
-    rows, src_load, tgt_load = [], src_width, tgt_width
+    rows, src_load, tgt_load = [], 0, 0
     for i, (src_len, tgt_len) in enumerate(lengths):
-        if src_load + src_len > src_width or tgt_load + tgt_len > tgt_width:
+        if not rows or src_load + src_len > src_width or tgt_load + tgt_len > tgt_width:
             rows.append([])
             src_load, tgt_load = 0, 0
         rows[-1].append(i)
