@@ -281,6 +281,7 @@ class Trainer:
     session_steps: int = 0  # steps taken by this process (a resumed run starts again at 0)
     bad_steps: int = 0  # consecutive skipped updates, across epochs
     calibration_start: float = None  # when --max_minutes started timing steps
+    step_limit: int = UNSIZED_STEPS  # the most steps --epochs and --max_steps allow: --max_minutes fits within it
     step: object = None  # runs one optimizer step on a group of host batches: eager_step or a GraphedStep
 
     @property
@@ -340,7 +341,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     peak = peak_flops(*precision, size=CPU_PROBE_SIZE if device.type == "cpu" else 4096) if rank == 0 else None
     schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
     trainer = Trainer(cfg, model, train_model, optimizer, schedule, scaler, precision, sampler, data, rank,
-                      world_size, flops, peak, average)
+                      world_size, flops, peak, average, step_limit=total_steps)
     obstacle = graph_obstacle(cfg, device, precision[1], world_size)
     trainer.step = GraphedStep(trainer) if obstacle is None else functools.partial(eager_step, trainer)
     log(f"batches: {'%d rows of %d + %d tokens, every one' % shape if shape else 'rows of varied shape'}; "
@@ -380,14 +381,44 @@ def calibrate(trainer, progress, train_seconds):
     spent = train_seconds()
     seconds_per_step = (spent - trainer.calibration_start) / (trainer.session_steps - first)
     remaining = cfg.max_minutes * 60 - spent
-    total = torch.tensor(min(progress.total_steps, progress.step + max(2, int(remaining / seconds_per_step))))
-    if trainer.world_size > 1:
-        total = total.to(device)
-        dist.broadcast(total, 0)
+    total = broadcast_steps(trainer, min(trainer.step_limit, progress.step + max(2, int(remaining / seconds_per_step))))
     trainer.schedule.settle()
-    progress.total_steps, progress.calibrated = int(total), True
+    progress.total_steps, progress.calibrated = total, True
     trainer.schedule.scheduler = make_scheduler(cfg, trainer.optimizer, progress.total_steps - progress.step)
     trainer.schedule.frozen = False
+
+
+def refit_schedule(trainer, progress, interval_steps, interval_seconds, log):
+    """--max_minutes, at each evaluation: later steps run faster or slower than the timed ones (a shared machine,
+    longer batches, a warmer GPU), so fit the schedule's remaining steps into the time left at the pace of the
+    steps since the last evaluation. OneCycle continues from where it is, stretched or shrunk; it never ends
+    before its time or is cut off before its final rate."""
+    remaining = trainer.cfg.max_minutes * 60 - progress.train_seconds
+    if interval_steps < 1 or remaining <= 0 or progress.step >= progress.total_steps:
+        return
+    seconds_per_step = interval_seconds / interval_steps
+    total = broadcast_steps(trainer, min(trainer.step_limit, progress.step + max(1, int(remaining / seconds_per_step))))
+    if abs(total - progress.total_steps) <= max(1, total // 100):  # within a step or 1%: timing noise
+        return
+    scheduler = trainer.schedule.scheduler
+    start = progress.total_steps - scheduler.total_steps  # the step OneCycle started at, when timing ended
+    trainer.schedule.settle()
+    log(f"schedule refitted to the time left: {progress.total_steps:,} → {total:,} steps "
+        f"({seconds_per_step * 1000:.0f} ms a step since the last evaluation)")
+    progress.total_steps = total
+    scheduler = make_scheduler(trainer.cfg, trainer.optimizer, total - start)
+    scheduler.last_epoch = progress.step - start - 1
+    scheduler.step()  # sets the rate of the next step on the new curve
+    trainer.schedule.scheduler = scheduler
+
+
+def broadcast_steps(trainer, steps):
+    """Rank 0's step count on every rank (ranks time their own steps; the schedule must be one)."""
+    if trainer.world_size == 1:
+        return steps
+    steps = torch.tensor(steps, device=trainer.precision[0])
+    dist.broadcast(steps, 0)
+    return int(steps)
 
 
 def train_epoch(trainer, progress, sums, stop_signal, writer, batches):
@@ -586,6 +617,9 @@ def run(cfg, rank, world_size, device):
         if not evaluation_due(cfg, progress, sums):
             partial = sums  # the next metrics line covers this epoch too
             continue
+        if cfg.max_minutes and progress.calibrated:
+            last_evaluated = progress.history[-1]["step"] if progress.history else 0
+            refit_schedule(trainer, progress, progress.step - last_evaluated, sums["seconds"], log)
         line = end_interval(trainer, progress, sums, log)
         partial = new_epoch_sums()
         ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)

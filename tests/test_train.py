@@ -412,18 +412,38 @@ def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatc
     assert resumed["scheduler"]["total_steps"] == sized["scheduler"]["total_steps"]
 
 
-def test_max_minutes_stops_on_time_when_steps_slow_down(tmp_path, monkeypatch, capsys):
-    """Timed at 0.01 s a step, the schedule plans for 300 steps in 3 s; then steps take 0.05 s, and the
-    budget runs out at step 70, where the run must stop, evaluate and save."""
+@pytest.mark.parametrize("later_step_seconds", [0.05, 0.004])
+def test_max_minutes_refits_the_schedule_when_steps_change_pace(tmp_path, monkeypatch, capsys, later_step_seconds):
+    """Timed at 0.01 s a step, the schedule plans for about 300 steps in 3 s; then steps take 5× longer (or 2.5×
+    shorter). Each evaluation (every epoch of 8 steps here) fits the remaining steps into the time left, so the
+    run ends on time with OneCycle run to its final rate: not cut off early, nor finished with time to spare."""
     monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
-    fake_clock(monkeypatch, lambda n: 0.01 if n <= 12 else 0.05)
+    fake_clock(monkeypatch, lambda n: 0.01 if n <= 12 else later_step_seconds)
+    budget = 3.0
+    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget / 60)))
+    checkpoint, lines = torch.load(tmp_path / "last.pt", weights_only=True), read_metrics(tmp_path)
+    schedule = checkpoint["scheduler"]
+    assert checkpoint["step"] == checkpoint["total_steps"] == lines[-1]["step"] == 12 + schedule["total_steps"]
+    assert schedule["last_epoch"] == schedule["total_steps"] and lines[-1]["lr"] == pytest.approx(cpu_config().lr / 100)
+    # within 1% of the steps (the noise a refit ignores) of using the whole budget
+    assert budget * 0.99 - later_step_seconds <= checkpoint["train_seconds"] <= budget
+    out = capsys.readouterr().out
+    assert "schedule refitted to the time left: 30" in out and "time budget spent" not in out
+
+
+def test_max_minutes_stops_on_time_when_steps_slow_down_after_the_last_refit(tmp_path, monkeypatch, capsys):
+    """Steps of 0.01 s until step 280 of the 300 planned (an evaluation there keeps the plan), then 0.08 s: no
+    evaluation comes in time to refit, and the budget runs out at step 283, where the run must stop, evaluate
+    and save."""
+    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    fake_clock(monkeypatch, lambda n: 0.01 if n <= 280 else 0.08)
     budget = 3.0
     train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget / 60)))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert checkpoint["step"] == checkpoint["total_steps"] == 70 < 12 + checkpoint["scheduler"]["total_steps"]
-    assert budget <= checkpoint["train_seconds"] < budget + 0.05
+    assert checkpoint["step"] == checkpoint["total_steps"] == 283 < 12 + checkpoint["scheduler"]["total_steps"]
+    assert budget <= checkpoint["train_seconds"] < budget + 0.08
     assert read_metrics(tmp_path)[-1]["step"] == checkpoint["step"]  # the last epoch was evaluated and saved
-    assert "time budget spent at step 70 of the" in capsys.readouterr().out
+    assert "time budget spent at step 283 of the 300 planned" in capsys.readouterr().out
 
 
 def test_max_minutes_sizes_a_short_run_so_it_still_warms_up_and_anneals(tmp_path, monkeypatch):
