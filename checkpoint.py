@@ -24,7 +24,7 @@ RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compi
                      "pad_multiple", "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b",
                      "eval_every_minutes"}
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
-PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied"}
+PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 

@@ -37,6 +37,7 @@ class Config:
     tokenizer: str = "word"  # word: one word-level vocabulary per language; bpe: one joint subword vocabulary
     vocab_size: int = 16000  # joint vocabulary size for tokenizer=bpe
     min_frequency: int = 2  # a word needs this many occurrences to enter a word-level vocabulary
+    lowercase_source: bool = True  # word tokenizer: fold the source's case ("Forget it!" reads as "forget it!")
     # model
     d_model: int = 512  # width of embeddings and residual stream
     n_heads: int = 8  # attention heads; must divide d_model

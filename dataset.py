@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import runtime
 from config import BATCHINGS
@@ -149,7 +149,8 @@ def train_tokenizers(train_pairs, cfg):
     sources = [source for source, _ in train_pairs]
     targets = [target for _, target in train_pairs]
     if cfg.tokenizer == "word":
-        return _train_word(sources, cfg.min_frequency), _train_word(targets, cfg.min_frequency)
+        return (_train_word(sources, cfg.min_frequency, cfg.lowercase_source),
+                _train_word(targets, cfg.min_frequency))
     tokenizer = Tokenizer(models.BPE())
     # Byte-level pieces cover every string and keep every space, so decoding restores the text exactly.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -160,8 +161,10 @@ def train_tokenizers(train_pairs, cfg):
     return tokenizer, tokenizer
 
 
-def _train_word(texts, min_frequency):
+def _train_word(texts, min_frequency, lowercase=False):
     tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    if lowercase:  # saved with the tokenizer, so translating folds case as training did
+        tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)

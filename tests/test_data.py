@@ -120,6 +120,15 @@ def test_word_tokenizers_use_min_frequency_and_specials():
     assert src_tok.token_to_id("the") is not None and src_tok.token_to_id("cat") is None
 
 
+def test_lowercase_source_folds_only_the_source_and_travels_with_its_tokenizer():
+    pairs = [("Forget it.", "Oublie."), ("forget me", "Oublie-moi")]
+    src_tok, tgt_tok = dataset.train_tokenizers(pairs, Config(min_frequency=2, lowercase_source=True))
+    reloaded = dataset.tokenizer_from_json(src_tok.to_str())  # as a checkpoint stores it for translate.py
+    unknown = [[dataset.special_ids(src_tok)["unk"]]]
+    assert dataset.encode(reloaded, ["FORGET"]) == dataset.encode(src_tok, ["forget"]) != unknown
+    assert tgt_tok.token_to_id("Oublie") is not None and tgt_tok.token_to_id("oublie") is None
+
+
 def test_word_level_output_reads_naturally():
     pairs = [("x", "Je n'ai pas d'eau, aujourd'hui. Est-ce vrai ? (oui) 50 %")] * 2
     _, tgt_tok = dataset.train_tokenizers(pairs, Config(tokenizer="word", min_frequency=1))

@@ -5,7 +5,8 @@ load, translate and resume. tests/fixtures/legacy/interrupted.pt is the last.pt 
 
 stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop.
 Resuming it today takes the flags whose defaults changed since: `--n_decoder_layers 0` (its decoder was as deep
-as its encoder; the default is now 1), `--ema_decay 0` (it had no weight averaging) and `--val_fraction 0.1`."""
+as its encoder; the default is now 1), `--ema_decay 0` (it had no weight averaging), `--val_fraction 0.1` and
+`--lowercase_source false` (its source vocabulary kept case)."""
 import json
 import os
 
@@ -18,7 +19,8 @@ LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
 COMMAND = ["--data_files", "tests/fixtures/pairs.jsonl", *TINY, "--epochs", "2", "--dropout", "0.2", "--amp", "off",
            "--seed", "1"]
-ARGS = [*COMMAND, "--n_decoder_layers", "0", "--ema_decay", "0", "--val_fraction", "0.1"]
+ARGS = [*COMMAND, "--n_decoder_layers", "0", "--ema_decay", "0", "--val_fraction", "0.1",
+        "--lowercase_source", "false"]
 
 
 def test_a_checkpoint_from_an_earlier_version_translates():
@@ -43,5 +45,6 @@ def test_a_checkpoint_from_an_earlier_version_resumes_like_the_uninterrupted_run
 def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*COMMAND, "--val_fraction", "0.1", "--run_dir", str(tmp_path), "--resume", CHECKPOINT])
+        train.main([*COMMAND, "--val_fraction", "0.1", "--lowercase_source", "false", "--run_dir", str(tmp_path),
+                    "--resume", CHECKPOINT])
     assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 1" in str(exit_info.value.code)

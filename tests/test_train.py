@@ -351,6 +351,7 @@ def test_readme_reference_command_builds_the_reference_recipe():
     assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == \
         (512, 8, 128, 6, 3, "cycle_rev")
     assert (cfg.n_decoder_layers or cfg.n_layers) == 6 and cfg.ema_decay == 0 and cfg.tokenizer == "word"
+    assert not cfg.lowercase_source
     total = 1000
     reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.AdamW(make_model().parameters()), max_lr=1e-3,
                                                     total_steps=total, pct_start=0.1, anneal_strategy="linear",
