@@ -393,18 +393,20 @@ def refit_schedule(trainer, progress, interval_steps, interval_seconds, log):
     longer batches, a warmer GPU), so fit the schedule's remaining steps into the time left at the pace of the
     steps since the last evaluation. OneCycle continues from where it is, stretched or shrunk; it never ends
     before its time or is cut off before its final rate."""
-    remaining = trainer.cfg.max_minutes * 60 - progress.train_seconds
-    if interval_steps < 1 or remaining <= 0 or progress.step >= progress.total_steps:
+    if interval_steps < 1 or progress.step >= progress.total_steps:  # the same on every rank: all broadcast
         return
-    seconds_per_step = interval_seconds / interval_steps
-    total = broadcast_steps(trainer, min(trainer.step_limit, progress.step + max(1, int(remaining / seconds_per_step))))
-    if abs(total - progress.total_steps) <= max(1, total // 100):  # within a step or 1%: timing noise
+    remaining = trainer.cfg.max_minutes * 60 - progress.train_seconds
+    pace = max(interval_seconds, 1e-9) / interval_steps  # seconds a step since the last evaluation
+    fitted = progress.step + max(0, int(remaining / pace))
+    total = broadcast_steps(trainer, min(trainer.step_limit, fitted))
+    # no time left (the budget ends the run), or within a step or 1% of the plan (timing noise)
+    if total <= progress.step or abs(total - progress.total_steps) <= max(1, total // 100):
         return
     scheduler = trainer.schedule.scheduler
     start = progress.total_steps - scheduler.total_steps  # the step OneCycle started at, when timing ended
     trainer.schedule.settle()
     log(f"schedule refitted to the time left: {progress.total_steps:,} → {total:,} steps "
-        f"({seconds_per_step * 1000:.0f} ms a step since the last evaluation)")
+        f"({pace * 1000:.0f} ms a step since the last evaluation)")
     progress.total_steps = total
     scheduler = make_scheduler(trainer.cfg, trainer.optimizer, total - start)
     scheduler.last_epoch = progress.step - start - 1

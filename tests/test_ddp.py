@@ -91,3 +91,17 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "written by a run of world size 1 but this run has world size 2" in result.stderr
+
+
+def test_two_processes_agree_on_a_time_budget_and_its_refits(tmp_path):
+    """--max_minutes: rank 0 times the steps and refits the schedule at every evaluation (here every epoch), and
+    every rank takes its count; a rank left out of a broadcast would hang the run past the timeout."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port", str(free_port()), os.path.join(ROOT, "train.py"),
+                             *tiny_args(tmp_path, "--epochs", "3", "--max_minutes", "5",
+                                        "--eval_every_minutes", "0.0001")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["calibrated"] and checkpoint["step"] == checkpoint["total_steps"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
