@@ -380,8 +380,7 @@ def calibrate(trainer, progress, train_seconds):
     synchronize(device)
     spent = train_seconds()
     seconds_per_step = (spent - trainer.calibration_start) / (trainer.session_steps - first)
-    remaining = cfg.max_minutes * 60 - spent
-    total = broadcast_steps(trainer, min(trainer.step_limit, progress.step + max(2, int(remaining / seconds_per_step))))
+    total = steps_that_fit(trainer, progress, spent, seconds_per_step, at_least=2)
     trainer.schedule.settle()
     progress.total_steps, progress.calibrated = total, True
     trainer.schedule.scheduler = make_scheduler(cfg, trainer.optimizer, progress.total_steps - progress.step)
@@ -395,10 +394,8 @@ def refit_schedule(trainer, progress, interval_steps, interval_seconds, log):
     before its time or is cut off before its final rate."""
     if interval_steps < 1 or progress.step >= progress.total_steps:  # the same on every rank: all broadcast
         return
-    remaining = trainer.cfg.max_minutes * 60 - progress.train_seconds
     pace = max(interval_seconds, 1e-9) / interval_steps  # seconds a step since the last evaluation
-    fitted = progress.step + max(0, int(remaining / pace))
-    total = broadcast_steps(trainer, min(trainer.step_limit, fitted))
+    total = steps_that_fit(trainer, progress, progress.train_seconds, pace, at_least=0)
     # no time left (the budget ends the run), or within a step or 1% of the plan (timing noise)
     if total <= progress.step or abs(total - progress.total_steps) <= max(1, total // 100):
         return
@@ -414,13 +411,17 @@ def refit_schedule(trainer, progress, interval_steps, interval_seconds, log):
     trainer.schedule.scheduler = scheduler
 
 
-def broadcast_steps(trainer, steps):
-    """Rank 0's step count on every rank (ranks time their own steps; the schedule must be one)."""
+def steps_that_fit(trainer, progress, spent_seconds, seconds_per_step, at_least):
+    """The schedule's total: the steps taken, and at least `at_least` more, as many as the budget's time left holds
+    at this pace, within --epochs/--max_steps. Rank 0's count on every rank (ranks time their own steps; the
+    schedule must be one)."""
+    remaining = trainer.cfg.max_minutes * 60 - spent_seconds
+    total = min(trainer.step_limit, progress.step + max(at_least, int(remaining / seconds_per_step)))
     if trainer.world_size == 1:
-        return steps
-    steps = torch.tensor(steps, device=trainer.precision[0])
-    dist.broadcast(steps, 0)
-    return int(steps)
+        return total
+    total = torch.tensor(total, device=trainer.precision[0])
+    dist.broadcast(total, 0)
+    return int(total)
 
 
 def train_epoch(trainer, progress, sums, stop_signal, writer, batches):
