@@ -118,7 +118,48 @@ def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise SystemExit(f"error: {path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    for key in ("model", "training_model"):
+        if key in checkpoint and join_self_attention_projections(checkpoint[key]):
+            checkpoint["separate_self_attention_projections"] = True
     return checkpoint
+
+
+def join_self_attention_projections(state_dict):
+    """Checkpoints written before self-attention projected queries, keys and values in one product hold a
+    query and a key_value matrix per self-attention: join them in place, rows of queries first (as
+    model.Attention splits them). Returns whether there was anything to join."""
+    separate = [key for key in state_dict if key.rpartition(".query.")[0].endswith("self_attn")]
+    for key in separate:
+        prefix, _, kind = key.rpartition(".query.")
+        state_dict[f"{prefix}.query_key_value.{kind}"] = torch.cat([state_dict.pop(key),
+                                                                   state_dict.pop(f"{prefix}.key_value.{kind}")])
+    return bool(separate)
+
+
+def join_optimizer_state(saved, model):
+    """An optimizer state saved with separate self-attention projections, renumbered for `model`'s parameters:
+    a joined query_key_value weight or bias takes its two parts' moments concatenated (AdamW works elementwise,
+    so training goes on exactly as it would have). The saved numbering has the parts in the order their module
+    registered them: query.weight, query.bias, key_value.weight, key_value.bias."""
+    parts, saved_index = [], 0
+    for name, _ in model.named_parameters():
+        if name.endswith("query_key_value.weight"):
+            parts.append([saved_index, saved_index + 2])
+        elif name.endswith("query_key_value.bias"):
+            parts.append([saved_index + 1, saved_index + 3])
+            saved_index += 4
+        else:
+            parts.append([saved_index])
+            saved_index += 1
+    state = {}
+    for index, part_indices in enumerate(parts):
+        part_states = [saved["state"][i] for i in part_indices if i in saved["state"]]
+        if part_states:
+            state[index] = {key: torch.cat([part[key] for part in part_states])
+                            if torch.is_tensor(value) and value.dim() else value  # "step" is one number
+                            for key, value in part_states[0].items()}
+    (group,) = saved["param_groups"]
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(parts)))}]}
 
 
 def config_of(checkpoint, path):
@@ -226,7 +267,10 @@ def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None)
         average.updates = checkpoint["ema_updates"]
     # load_state_dict copies the saved group options too; keep this run's kernel choice (fused on CUDA/CPU)
     kernel_options = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    saved_optimizer = checkpoint["optimizer"]
+    if checkpoint.get("separate_self_attention_projections"):
+        saved_optimizer = join_optimizer_state(saved_optimizer, model)
+    optimizer.load_state_dict(saved_optimizer)
     for group, options in zip(optimizer.param_groups, kernel_options):
         group.update(options)
     scheduler.load_state_dict(checkpoint["scheduler"])

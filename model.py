@@ -26,19 +26,33 @@ def layer_layout(share, n_layers, n_unique):
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model, n_heads, attn_dropout):
+    """Multi-head attention over heads already projected (forward). Self-attention projects its queries, keys
+    and values in one matrix product; cross-attention projects its queries per call and the memory's keys and
+    values once per block (keys_values)."""
+    def __init__(self, d_model, n_heads, attn_dropout, self_attention):
         super().__init__()
         self.n_heads, self.attn_dropout = n_heads, attn_dropout
-        self.query = nn.Linear(d_model, d_model)
-        self.key_value = nn.Linear(d_model, 2 * d_model)
+        if self_attention:
+            self.query_key_value = nn.Linear(d_model, 3 * d_model)
+        else:
+            self.query = nn.Linear(d_model, d_model)
+            self.key_value = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
-    def keys_values(self, source):
-        """Keys and values of source (B, T, D), each (B, H, T, D/H): heads split, as attention takes them."""
-        return self.key_value(source).unflatten(-1, (2, self.n_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    def _heads(self, projected, n):
+        """(B, T, n * D) -> n tensors (B, H, T, D/H): heads split, as attention takes them."""
+        return projected.unflatten(-1, (n, self.n_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x, key, value, mask=None, causal=False):
-        query = self.query(x).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)
+    def queries_keys_values(self, x):
+        return self._heads(self.query_key_value(x), 3)
+
+    def queries(self, x):
+        return self._heads(self.query(x), 1)[0]
+
+    def keys_values(self, source):
+        return self._heads(self.key_value(source), 2)
+
+    def forward(self, query, key, value, mask=None, causal=False):
         if query.device.type == "cpu" and not torch.is_grad_enabled():
             y = plain_attention(query, key, value, mask, causal)
         else:
@@ -71,21 +85,23 @@ class FeedForward(nn.Sequential):
 class EncoderBlock(nn.Module):
     def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout):
         super().__init__()
-        self.self_attn_norm, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, attn_dropout)
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, n_heads, attn_dropout, self_attention=True)
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask):
-        h = self.self_attn_norm(x)
-        x = x + self.dropout(self.self_attn(h, *self.self_attn.keys_values(h), mask=mask))
+        x = x + self.dropout(self.self_attn(*self.self_attn.queries_keys_values(self.self_attn_norm(x)), mask=mask))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout):
         super().__init__()
-        self.self_attn_norm, self.self_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, attn_dropout)
-        self.cross_attn_norm, self.cross_attn = nn.LayerNorm(d_model), Attention(d_model, n_heads, attn_dropout)
+        self.self_attn_norm = nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, n_heads, attn_dropout, self_attention=True)
+        self.cross_attn_norm = nn.LayerNorm(d_model)
+        self.cross_attn = Attention(d_model, n_heads, attn_dropout, self_attention=False)
         self.ff_norm, self.ff = nn.LayerNorm(d_model), FeedForward(d_model, d_ff, dropout)
         self.dropout = nn.Dropout(dropout)
 
@@ -93,8 +109,7 @@ class DecoderBlock(nn.Module):
         """memory_keys_values: cross_attn.keys_values(memory), which the model computes once per block. With a
         cache (a dict owned by this layer position) x holds only the newest token, at position offset.
         self_mask (packed rows only) replaces plain causal masking."""
-        h = self.self_attn_norm(x)
-        key, value = self.self_attn.keys_values(h)
+        query, key, value = self.self_attn.queries_keys_values(self.self_attn_norm(x))
         if cache is not None:
             if "self_key" not in cache:  # preallocated once, then written in place: no copy of the past per token
                 shape = (*key.shape[:2], cache["capacity"], key.size(3))
@@ -103,8 +118,10 @@ class DecoderBlock(nn.Module):
             cache["self_key"][:, :, offset:end], cache["self_value"][:, :, offset:end] = key, value
             key, value = cache["self_key"][:, :, :end], cache["self_value"][:, :, :end]
         # Right-padded targets need no key-padding mask: causality already hides later (pad) positions.
-        x = x + self.dropout(self.self_attn(h, key, value, mask=self_mask, causal=cache is None and self_mask is None))
-        x = x + self.dropout(self.cross_attn(self.cross_attn_norm(x), *memory_keys_values, mask=memory_mask))
+        x = x + self.dropout(self.self_attn(query, key, value, mask=self_mask,
+                                            causal=cache is None and self_mask is None))
+        x = x + self.dropout(self.cross_attn(self.cross_attn.queries(self.cross_attn_norm(x)), *memory_keys_values,
+                                             mask=memory_mask))
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -164,9 +181,15 @@ class Transformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
+        joined = {attention.query_key_value for attention in self.modules()
+                  if isinstance(attention, Attention) and hasattr(attention, "query_key_value")}
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                # A joined query-key-value matrix starts as its queries' and its keys-values' matrices did when
+                # they were two (Xavier bounds from each part's shape): the defaults were measured so.
+                d = module.in_features
+                for weight in module.weight.split([d, 2 * d]) if module in joined else [module.weight]:
+                    nn.init.xavier_uniform_(weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         # N(0, 1/d) embeddings: scaled by sqrt(d) they have unit variance, and tied logits stay small.

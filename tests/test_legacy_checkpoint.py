@@ -6,14 +6,18 @@ load, translate and resume. tests/fixtures/legacy/interrupted.pt is the last.pt 
 stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop.
 Resuming it today takes the flags whose defaults changed since: `--n_decoder_layers 0` (its decoder was as deep
 as its encoder; the default is now 1), `--ema_decay 0` (it had no weight averaging), `--val_fraction 0.1` and
-`--lowercase_source false` (its source vocabulary kept case)."""
+`--lowercase_source false` (its source vocabulary kept case). Its self-attentions also hold a query and a
+key-value matrix each, which loading joins into one (weights and the optimizer's moments)."""
 import json
 import os
+import signal
 
 import pytest
+import torch
 
 import train
-from conftest import ROOT, TINY, run_script
+import translate
+from conftest import ROOT, TINY, run_script, tiny_args
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
@@ -48,3 +52,61 @@ def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(t
         train.main([*COMMAND, "--val_fraction", "0.1", "--lowercase_source", "false", "--run_dir", str(tmp_path),
                     "--resume", CHECKPOINT])
     assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 1" in str(exit_info.value.code)
+
+
+def separate_self_attention_projections(checkpoint, model):
+    """A checkpoint of today's code in the layout before self-attention joined its projections: a query and a
+    key_value matrix, each weight followed by its bias, in the weights and in AdamW's per-parameter state."""
+    for weights in (checkpoint["model"], checkpoint["training_model"]):
+        for name in [name for name in weights if ".self_attn.query_key_value." in name]:
+            prefix, _, kind = name.rpartition(".query_key_value.")
+            joined = weights.pop(name)
+            weights[f"{prefix}.query.{kind}"], weights[f"{prefix}.key_value.{kind}"] = joined.split(
+                [joined.size(0) // 3, joined.size(0) * 2 // 3])
+    saved, state = checkpoint["optimizer"], {}
+    names = [name for name, _ in model.named_parameters()]
+    for index, name in enumerate(names):
+        if name.endswith("query_key_value.bias"):
+            continue
+        parts = [saved["state"][index]]
+        if name.endswith("query_key_value.weight"):
+            bias = saved["state"][index + 1]
+            parts = [{key: (value.split([value.size(0) // 3, value.size(0) * 2 // 3])[i] if value.dim() else value)
+                      for key, value in part.items()} for i in (0, 1) for part in (parts[0], bias)]
+        for part in parts:
+            state[len(state)] = part
+    saved["state"] = state
+    saved["param_groups"][0]["params"] = list(range(len(state)))
+
+
+def test_a_checkpoint_with_separate_self_attention_projections_resumes_exactly(tmp_path, monkeypatch):
+    args = ("--epochs", "2", "--ema_decay", "0.8", "--dropout", "0.2")
+    train.main(tiny_args(tmp_path / "straight", *args))
+    real_step, calls = train.train_step, []
+
+    def stop_after_four_steps(*step_args, **kwargs):
+        result = real_step(*step_args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train, "train_step", stop_after_four_steps)
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(tmp_path / "stopped", *args))
+    monkeypatch.undo()
+    checkpoint = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 4
+    model = translate.load_translator(tmp_path / "stopped" / "last.pt", torch.device("cpu"))[0]
+    separate_self_attention_projections(checkpoint, model)
+    assert any(name.endswith("self_attn.key_value.weight") for name in checkpoint["training_model"])
+    torch.save(checkpoint, tmp_path / "separate.pt")
+    train.main(tiny_args(tmp_path / "resumed", *args, "--resume", str(tmp_path / "separate.pt")))
+    with open(tmp_path / "straight" / "metrics.jsonl") as file:
+        straight = [json.loads(line) for line in file]
+    with open(tmp_path / "resumed" / "metrics.jsonl") as file:
+        resumed = [json.loads(line) for line in file]
+    assert [line["step"] for line in resumed] == [line["step"] for line in straight]
+    for a, b in zip(straight, resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
