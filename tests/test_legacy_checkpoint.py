@@ -54,25 +54,28 @@ def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(t
     assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 1" in str(exit_info.value.code)
 
 
+def split_query(joined):
+    """(query part, key-value part) of a joined query_key_value weight, bias or moment."""
+    return joined.split([joined.size(0) // 3, joined.size(0) * 2 // 3])
+
+
 def separate_self_attention_projections(checkpoint, model):
     """A checkpoint of today's code in the layout before self-attention joined its projections: a query and a
     key_value matrix, each weight followed by its bias, in the weights and in AdamW's per-parameter state."""
     for weights in (checkpoint["model"], checkpoint["training_model"]):
         for name in [name for name in weights if ".self_attn.query_key_value." in name]:
             prefix, _, kind = name.rpartition(".query_key_value.")
-            joined = weights.pop(name)
-            weights[f"{prefix}.query.{kind}"], weights[f"{prefix}.key_value.{kind}"] = joined.split(
-                [joined.size(0) // 3, joined.size(0) * 2 // 3])
+            weights[f"{prefix}.query.{kind}"], weights[f"{prefix}.key_value.{kind}"] = split_query(weights.pop(name))
     saved, state = checkpoint["optimizer"], {}
-    names = [name for name, _ in model.named_parameters()]
-    for index, name in enumerate(names):
+    for index, (name, _) in enumerate(model.named_parameters()):
         if name.endswith("query_key_value.bias"):
             continue
-        parts = [saved["state"][index]]
         if name.endswith("query_key_value.weight"):
-            bias = saved["state"][index + 1]
-            parts = [{key: (value.split([value.size(0) // 3, value.size(0) * 2 // 3])[i] if value.dim() else value)
-                      for key, value in part.items()} for i in (0, 1) for part in (parts[0], bias)]
+            weight, bias = saved["state"][index], saved["state"][index + 1]
+            parts = [{key: split_query(value)[part] if value.dim() else value for key, value in moments.items()}
+                     for part in (0, 1) for moments in (weight, bias)]
+        else:
+            parts = [saved["state"][index]]
         for part in parts:
             state[len(state)] = part
     saved["state"] = state
