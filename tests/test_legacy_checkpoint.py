@@ -10,7 +10,6 @@ as its encoder; the default is now 1), `--ema_decay 0` (it had no weight averagi
 key-value matrix each, which loading joins into one (weights and the optimizer's moments)."""
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ import torch
 import train
 import translate
 from conftest import ROOT, TINY, run_script, tiny_args
+from test_train import crash_at, read_metrics
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
@@ -38,8 +38,7 @@ def test_a_checkpoint_from_an_earlier_version_resumes_like_the_uninterrupted_run
     train.main([*ARGS, "--run_dir", str(tmp_path), "--resume", CHECKPOINT])
     with open(os.path.join(LEGACY, "uninterrupted_metrics.json")) as file:
         expected = json.load(file)
-    with open(tmp_path / "metrics.jsonl") as file:
-        resumed = [json.loads(line) for line in file]
+    resumed = read_metrics(tmp_path)
     assert [line["step"] for line in resumed] == [line["step"] for line in expected] == [7, 15]
     for a, b in zip(expected, resumed):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
@@ -85,16 +84,7 @@ def separate_self_attention_projections(checkpoint, model):
 def test_a_checkpoint_with_separate_self_attention_projections_resumes_exactly(tmp_path, monkeypatch):
     args = ("--epochs", "2", "--ema_decay", "0.8", "--dropout", "0.2")
     train.main(tiny_args(tmp_path / "straight", *args))
-    real_step, calls = train.train_step, []
-
-    def stop_after_four_steps(*step_args, **kwargs):
-        result = real_step(*step_args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(train, "train_step", stop_after_four_steps)
+    crash_at(monkeypatch, 4, "sigterm")
     with pytest.raises(SystemExit):
         train.main(tiny_args(tmp_path / "stopped", *args))
     monkeypatch.undo()
@@ -105,10 +95,7 @@ def test_a_checkpoint_with_separate_self_attention_projections_resumes_exactly(t
     assert any(name.endswith("self_attn.key_value.weight") for name in checkpoint["training_model"])
     torch.save(checkpoint, tmp_path / "separate.pt")
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", str(tmp_path / "separate.pt")))
-    with open(tmp_path / "straight" / "metrics.jsonl") as file:
-        straight = [json.loads(line) for line in file]
-    with open(tmp_path / "resumed" / "metrics.jsonl") as file:
-        resumed = [json.loads(line) for line in file]
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [line["step"] for line in resumed] == [line["step"] for line in straight]
     for a, b in zip(straight, resumed):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
