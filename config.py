@@ -84,7 +84,7 @@ class Config:
     log_every: int = 50  # steps between progress-bar and TensorBoard updates
     # evaluation
     eval_every_minutes: float = 0.0  # evaluate and save at an epoch end after this much training (0 = auto, README)
-    n_eval_sentences: int = 500  # validation sentences translated each epoch for BLEU/chrF/CER/WER
+    n_eval_sentences: int = 500  # validation sentences translated per evaluation: BLEU/chrF/CER/WER; BLEU picks best.pt
     beam: int = 1  # beam size for evaluation translations (1 = greedy)
     length_penalty: float = 0.6  # GNMT length-penalty alpha for beam search
     max_len_a: float = 1.2  # a translation has at most max_len_a * source tokens + max_len_b tokens

@@ -589,7 +589,7 @@ def run(cfg, rank, world_size, device):
         writer = SummaryWriter(cfg.run_dir, purge_step=progress.step if checkpoint else None)
     partial = checkpoint["ranks"][rank]["partial"] if checkpoint else new_epoch_sums()
     stop_signal = catch_stop_signals()
-    best_val = min((line["val_loss"] for line in progress.history), default=float("inf"))
+    best = min(progress.history, key=ckpt.best_first, default=None)
     saved = False
     # one loader, whose worker processes serve every epoch of the run
     batches = start_loader(dataset.make_loader(data.train, trainer.sampler, cfg, data.ids["pad"], device,
@@ -628,8 +628,8 @@ def run(cfg, rank, world_size, device):
         ckpt.save(trainer, progress, partial, paths["last.pt"], is_main)
         saved = True
         if is_main:
-            if line["val_loss"] < best_val:
-                best_val = line["val_loss"]
+            if best is None or ckpt.best_first(line) < ckpt.best_first(best):
+                best = line
                 ckpt.copy_atomic(paths["last.pt"], paths["best.pt"])
             ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
             for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak"):
@@ -643,7 +643,9 @@ def run(cfg, rank, world_size, device):
     if writer:
         writer.close()
     final = paths["best.pt"] if os.path.isfile(paths["best.pt"]) else paths["last.pt"]
-    log(f"done: {os.path.abspath(final)} (best val_loss {best_val:.4f})")
+    chosen = "no evaluation" if best is None else ", ".join([f"step {best['step']}"] + [
+        f"{name} {best[name]:.4g}" for name in ("bleu", "val_loss") if best.get(name) is not None])
+    log(f"done: {os.path.abspath(final)} ({chosen})")
 
 
 if __name__ == "__main__":

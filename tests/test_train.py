@@ -189,6 +189,22 @@ def test_truncated_checkpoint_gives_one_clear_line(tmp_path):
         train.main(tiny_args(tmp_path, "--resume", "nothing.pt"))
 
 
+@pytest.mark.parametrize("scores, chosen", [
+    ([{"val_loss": 3.0, "bleu": 10.0}, {"val_loss": 3.1, "bleu": 12.0}, {"val_loss": 3.2, "bleu": 11.0}], 1),
+    ([{"val_loss": 3.1}, {"val_loss": 3.0}, {"val_loss": 3.2}], 1),  # --n_eval_sentences 0: no BLEU
+    ([{"val_loss": 3.1, "bleu": 12.0}, {"val_loss": 3.0, "bleu": 12.0}, {"val_loss": 3.2, "bleu": 9.0}], 1),
+])
+def test_best_pt_holds_the_evaluation_with_the_highest_bleu(tmp_path, monkeypatch, capsys, scores, chosen):
+    """The validation loss turns up while BLEU still climbs; best.pt follows BLEU, the loss breaking ties."""
+    evaluations = iter(scores)
+    monkeypatch.setattr(train, "evaluate", lambda *args: (dict(next(evaluations)), []))
+    train.main(tiny_args(tmp_path, "--epochs", "3"))
+    steps = [line["step"] for line in read_metrics(tmp_path)]
+    assert len(set(steps)) == 3 and torch.load(tmp_path / "best.pt", weights_only=True)["step"] == steps[chosen]
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"(step {steps[chosen]}, " + ", ".join(
+        f"{name} {scores[chosen][name]:.4g}" for name in ("bleu", "val_loss") if name in scores[chosen]) + ")")
+
+
 def test_non_finite_loss_stops_the_run_and_keeps_best(tmp_path, monkeypatch):
     real_loss, evaluated = train.compute_loss, []
 
