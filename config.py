@@ -18,7 +18,7 @@ ANNEAL_STRATEGIES = ("cos", "linear")
 # The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
 # Fields whose default means "auto". A resumed run takes the values its checkpoint was trained with, so batches
 # and schedule stay the same; a new run resolves them for its device (runtime.resolve_autos; epochs: train.py).
-AUTO_VALUES = {"epochs": 0, "max_tokens": -1, "batch_shape": "auto", "lr": 0.0}
+AUTO_VALUES = {"epochs": 0, "max_tokens": -1, "batch_shape": "auto", "lr": 0.0, "dropout": -1.0}
 MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_decoder_layers", "n_unique_layers", "share",
                 "tie_embeddings", "dropout", "attn_dropout", "max_positions")
 
@@ -47,7 +47,7 @@ class Config:
     n_unique_layers: int = 3  # distinct blocks each stack's layers are drawn from (ignored when share=none)
     share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
     tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)
-    dropout: float = 0.0  # dropout on embeddings, residual branches and the feed-forward hidden layer
+    dropout: float = -1.0  # dropout on embeddings, residual branches and FF hidden layer (-1 = auto: CUDA 0.1, CPU 0)
     attn_dropout: float = 0.0  # dropout on attention weights (> 0 keeps SDPA off its fused CPU kernel)
     # optimisation
     epochs: int = 0  # passes over the training split (0 = auto: 10, or no limit when max_minutes is set)
@@ -116,7 +116,7 @@ class Config:
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
         require(self.num_workers >= -1, f"--num_workers must be -1 (auto) or more (got {self.num_workers})")
         for name in ("n_decoder_layers", "epochs", "max_steps", "max_minutes", "eval_every_minutes", "lr",
-                     "max_len_diff", "n_eval_sentences", "grad_clip", "ema_decay", "dropout", "attn_dropout",
+                     "max_len_diff", "n_eval_sentences", "grad_clip", "ema_decay", "attn_dropout",
                      "weight_decay", "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % self.n_heads == 0,
@@ -129,7 +129,9 @@ class Config:
         require(not (self.tie_embeddings and self.tokenizer != "bpe"),
                 "--tie_embeddings true needs --tokenizer bpe (word mode has two vocabularies)")
         require(0 < self.val_fraction < 1, f"--val_fraction must be between 0 and 1 (got {self.val_fraction})")
-        require(self.dropout < 1 and self.attn_dropout < 1, "--dropout and --attn_dropout must be below 1")
+        require(self.dropout == -1 or 0 <= self.dropout < 1,
+                f"--dropout must be -1 (auto) or at least 0 and below 1 (got {self.dropout})")
+        require(self.attn_dropout < 1, f"--attn_dropout must be below 1 (got {self.attn_dropout})")
         require(self.max_len_a > 0 or self.max_len_b > 0, "--max_len_a or --max_len_b must be positive")
         require(self.ema_decay < 1, f"--ema_decay must be below 1 (got {self.ema_decay})")
         require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")

@@ -297,7 +297,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     """The model (wrapped for DDP / compile), optimizer, schedule, scaler and sampler of a run, restored from
     `checkpoint` when resuming; returns (trainer, progress)."""
     device = precision[0]
-    if cfg.max_tokens < 0 or cfg.batch_shape == "auto" or not cfg.lr:
+    if cfg.max_tokens < 0 or cfg.batch_shape == "auto" or not cfg.lr or cfg.dropout < 0:
         raise ValueError("build_trainer needs a config whose autos are resolved (runtime.resolve_autos)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

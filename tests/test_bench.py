@@ -3,9 +3,8 @@ import json
 import pytest
 import torch
 
-from config import Config
 
-from conftest import TINY, FIXTURE, run_script
+from conftest import TINY, FIXTURE, cpu_config, run_script
 
 
 def test_bench_prints_one_json_object_with_every_variant():
@@ -27,7 +26,7 @@ def test_bench_prints_one_json_object_with_every_variant():
     dynamic = report["variants"]["dynamic"]
     assert (dynamic["batching"], dynamic["precision"], dynamic["dropout"], dynamic["attn_dropout"]) == \
         ("random", "fp32", 0.1, 0.1)
-    assert report["variants"]["default"]["dropout"] == Config().dropout
+    assert report["variants"]["default"]["dropout"] == cpu_config().dropout == 0.0  # auto on a CPU
     pads = {name: v["pad_fraction"] for name, v in report["variants"].items()}
     assert pads["fixed"] > pads["dynamic"] > max(pads["bucketed"], pads["packed"])
     assert report["profile"]["steps"] == 2 and report["profile"]["wall_ms_per_step"] > 0

@@ -18,13 +18,13 @@ def test_defaults_keep_the_reference_architecture_with_the_measured_recipe():
     assert (cfg.batch_shape, cfg.epochs) == ("varied", 0)  # epochs 0: 10, or as many as --max_minutes allows
 
 
-def test_cuda_autos_are_a_token_budget_of_fixed_shape_with_a_raised_rate():
+def test_cuda_autos_are_a_token_budget_of_fixed_shape_with_a_raised_rate_and_dropout():
     cfg = resolve_autos(Config(), torch.device("cuda"))
-    assert (cfg.max_tokens, cfg.batch_shape) == (16384, "fixed")
+    assert (cfg.max_tokens, cfg.batch_shape, cfg.dropout) == (16384, "fixed", 0.1)
     assert cfg.lr == pytest.approx(5e-4 * (16384 / 2048) ** 0.5)
     assert resolve_autos(Config(max_tokens=1024), torch.device("cuda")).lr == 5e-4  # never below the base rate
-    chosen = resolve_autos(Config(lr=1e-3, batch_shape="varied", max_tokens=4096), torch.device("cuda"))
-    assert (chosen.lr, chosen.batch_shape, chosen.max_tokens) == (1e-3, "varied", 4096)  # flags win over autos
+    chosen = resolve_autos(Config(lr=1e-3, batch_shape="varied", max_tokens=4096, dropout=0), torch.device("cuda"))
+    assert (chosen.lr, chosen.batch_shape, chosen.max_tokens, chosen.dropout) == (1e-3, "varied", 4096, 0)  # flags win
     assert resolve_autos(Config(batching="bucketed"), torch.device("cuda")).batch_shape == "varied"
 
 
@@ -54,6 +54,9 @@ def test_flags_are_derived_from_fields():
     (["--max_len_a", "-1"], "--max_len_a must not be negative (got -1.0)"),
     (["--max_tokens", "-2"], "--max_tokens must be -1 (auto), 0 or at least 16"),
     (["--lr", "-0.001"], "--lr must not be negative"),
+    (["--dropout", "-0.5"], "--dropout must be -1 (auto) or at least 0 and below 1 (got -0.5)"),
+    (["--dropout", "1"], "--dropout must be -1 (auto) or at least 0 and below 1 (got 1.0)"),
+    (["--attn_dropout", "1"], "--attn_dropout must be below 1 (got 1.0)"),
     (["--batch_shape", "square"], "--batch_shape must be one of auto, fixed, varied"),
     (["--batch_shape", "fixed", "--batching", "bucketed"], "--batch_shape fixed needs --batching packed"),
     (["--batch_shape", "fixed", "--max_tokens", "0"], "--batch_shape fixed needs --batching packed and a token"),

@@ -146,7 +146,8 @@ def test_no_train_step_waits_for_the_gpu_in_any_precision():
 
 
 def graph_trainer(cuda_graph, amp, **fields):
-    """train.py's own trainer on the fixture, with batches of one fixed shape."""
+    """train.py's own trainer on the fixture, with batches of one fixed shape; without dropout unless asked."""
+    fields = {"dropout": 0.0, **fields}
     cfg = resolve_autos(Config(data_files=[FIXTURE], d_model=32, n_heads=2, d_ff=64, n_layers=2, n_unique_layers=1,
                                max_tokens=1024, amp=amp, cuda_graph=cuda_graph, **fields), CUDA)
     data = dataset.prepare_data(cfg, log=lambda message: None)
@@ -199,6 +200,16 @@ def test_a_cuda_graph_step_skips_a_non_finite_update_and_launches_a_few_kernels(
             assert torch.equal(value, weights[name]), name
 
 
+def test_every_cuda_graph_replay_draws_new_dropout_masks():
+    """Dropout (on by default on CUDA) inside the graph: a replay must not reuse the masks of the capture. At a
+    rate of 1e-30 the weights stay put, so the same batch gives the same loss twice only if the masks repeat."""
+    trainer, batches = graph_trainer(True, "bf16", dropout=0.5, lr=1e-30, ema_decay=0)
+    losses = [float(loss) / int(tokens) for _, loss, tokens, _, _ in
+              train.training_steps(trainer, batches[:1] * (train.GRAPH_WARMUP_STEPS + 4))]
+    assert trainer.step.graph is not None and all(map(math.isfinite, losses))
+    assert len(set(losses)) == len(losses)
+
+
 def test_no_cuda_graph_step_waits_for_the_gpu():
     trainer, batches = graph_trainer(True, "bf16")
     steps = train.training_steps(trainer, itertools.cycle(batches))
@@ -217,9 +228,10 @@ def test_no_cuda_graph_step_waits_for_the_gpu():
 
 
 def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
-    """The default on CUDA: fixed batch shapes, replayed as a graph. Killed in epoch 2 and resumed (warming up
-    eagerly again, then capturing anew), the run must end as the uninterrupted one did (to the rounding of
-    graph against eager kernels, see above)."""
+    """The default on CUDA: fixed batch shapes, replayed as a graph, with dropout. Killed in epoch 2 and resumed
+    (warming up eagerly again, then capturing anew), the run must end as the uninterrupted one did (to the
+    rounding of graph against eager kernels, see above): a replay draws the masks the eager step it replaces would
+    have drawn, from the generator state the checkpoint restored."""
     args = ("--epochs", "3", "--device", "cuda", "--max_tokens", "1024")
     train.main(tiny_args(tmp_path / "straight", *args))
     straight = read_metrics(tmp_path / "straight")
