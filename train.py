@@ -336,7 +336,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     log(f"train: {planned} (~{steps_per_epoch[0]:,} optimizer steps of {cfg.accum_steps} batch(es) per epoch"
         f"{' per rank' if world_size > 1 else ''}, {cfg.batching}), device {device}, "
         f"amp {precision[1] or 'off (fp32)'}, {'world size ' + str(world_size) if world_size > 1 else 'single process'}"
-        f", {flops / 1e6:.0f} MFLOP per token")
+        f", peak lr {cfg.lr:.3g}, dropout {cfg.dropout:g}, {flops / 1e6:.0f} MFLOP per token")
     # a smaller product than bench.py's: this one is start-up time of every run
     peak = peak_flops(*precision, size=CPU_PROBE_SIZE if device.type == "cpu" else 4096) if rank == 0 else None
     schedule = Schedule(scheduler, frozen=cfg.max_minutes > 0 and not progress.calibrated)
