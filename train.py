@@ -24,7 +24,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 import dataset
 from averaging import WeightAverage
-from config import MODEL_FIELDS, Config
+from config import AUTO_VALUES, MODEL_FIELDS, Config
 from model import Transformer, translate
 from translate import score
 from runtime import (CPU_PROBE_SIZE, any_rank, amp_dtype, autocast, catch_stop_signals, graph_obstacle, pad_multiple,
@@ -297,7 +297,8 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     """The model (wrapped for DDP / compile), optimizer, schedule, scaler and sampler of a run, restored from
     `checkpoint` when resuming; returns (trainer, progress)."""
     device = precision[0]
-    if cfg.max_tokens < 0 or cfg.batch_shape == "auto" or not cfg.lr or cfg.dropout < 0:
+    # epochs stays 0 (auto) and is read by epoch_limit; every other auto must be concrete by now
+    if any(getattr(cfg, name) == auto for name, auto in AUTO_VALUES.items() if name != "epochs"):
         raise ValueError("build_trainer needs a config whose autos are resolved (runtime.resolve_autos)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
