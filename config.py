@@ -15,10 +15,10 @@ DEVICES = ("auto", "cuda", "cpu")
 BATCHINGS = ("packed", "bucketed", "random")
 BATCH_SHAPES = ("auto", "fixed", "varied")
 ANNEAL_STRATEGIES = ("cos", "linear")
-# The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
 # Fields whose default means "auto". A resumed run takes the values its checkpoint was trained with, so batches
 # and schedule stay the same; a new run resolves them for its device (runtime.resolve_autos; epochs: train.py).
 AUTO_VALUES = {"epochs": 0, "max_tokens": -1, "batch_shape": "auto", "lr": 0.0, "dropout": -1.0}
+# The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
 MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_decoder_layers", "n_unique_layers", "share",
                 "tie_embeddings", "dropout", "attn_dropout", "max_positions")
 
