@@ -20,6 +20,7 @@ tokens/s / the peak matmul FLOP/s this script measures in that precision, and th
 SDPA chose. Decoding runs under the config's --amp (auto: see runtime.amp_dtype).
 """
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -30,18 +31,27 @@ import time
 
 import torch
 
+import batching
 import dataset
 import runtime
+import step
 import train
 from config import Config
+from errors import RunError, one_line_errors
 from model import int8_linear_layers, translate
 from translate import load_translator
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+LOADER_TOKENS = {"loader": runtime.GPU_MAX_TOKENS, "loader_64k": 65536}  # the input pipeline alone, at these budgets
 
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
+
+
+def emit(record):
+    """One JSON object on one line of stdout, as soon as it is measured: stdout holds nothing else."""
+    print(json.dumps(record), flush=True)
 
 
 def cpu_name():
@@ -57,31 +67,61 @@ def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length):
     real, padded = 0, 0
     for batch in sampler.batches():
         lengths = [sampler.lengths[i] for i in batch]
-        rows, src_len, tgt_len = dataset.batch_layout(lengths, pad_multiple, fixed_lengths, pack_length,
+        rows, src_len, tgt_len = batching.batch_layout(lengths, pad_multiple, fixed_lengths, pack_length,
                                                       sampler.shape)
         real += sum(s + t for s, t in lengths)
         padded += len(rows) * (src_len + tgt_len)
     return 1 - real / padded
 
 
+@contextlib.contextmanager
 def endless(trainer, device, fixed_lengths=None):
     """Batches epoch after epoch, for as long as the timer wants them: through train.py's own loader (worker
-    processes, pinned memory), or collated here to fixed_lengths (the `fixed` variant)."""
+    processes, pinned memory; shut down when the variant ends, by an error too), or collated here to
+    fixed_lengths (the `fixed` variant)."""
     cfg, data, sampler = trainer.cfg, trainer.data, trainer.sampler
     if fixed_lengths is None:
-        return runtime.start_loader(dataset.make_loader(data.train, sampler, cfg, data.ids["pad"], device,
-                                                        sampler.epochs_from(0)))
-    collate = dataset.make_collate(data.ids["pad"], runtime.pad_multiple(cfg, device), fixed_lengths)
-    return (collate([data.train[i] for i in indices]) for indices in sampler.epochs_from(0))
+        with runtime.running_loader(batching.make_loader(data.train, sampler, cfg, data.ids["pad"], device,
+                                                         sampler.epochs_from(0))) as batches:
+            yield batches
+        return
+    collate = batching.make_collate(data.ids["pad"], runtime.pad_multiple(cfg, device), fixed_lengths)
+    yield (collate([data.train[i] for i in indices]) for indices in sampler.epochs_from(0))
+
+
+def measure_loader(cfg, data, seconds):
+    """Real (non-pad) source + target tokens per second that the input pipeline alone delivers: the CUDA
+    default's loader (fixed-shape packed batches of cfg.max_tokens, its worker processes, pinned memory where
+    there is a GPU), planning and collating included, nothing trained."""
+    cuda = torch.device("cuda")
+    cfg = runtime.resolve_autos(dataclasses.replace(cfg, batching="packed", batch_shape="fixed"), cuda)
+    shape = batching.fixed_shape(data.train.lengths(), cfg.max_tokens, cfg.pack_length, runtime.pad_multiple(cfg, cuda))
+    sampler = batching.make_sampler(cfg, data.train.lengths(), shape=shape)
+    loader = batching.make_loader(data.train, sampler, cfg, data.ids["pad"], cuda, sampler.epochs_from(0))
+    loader.pin_memory = torch.cuda.is_available()
+    pad_id, real, batches_read, started = data.ids["pad"], 0, 0, None
+    with runtime.running_loader(loader) as batches:
+        for batch in batches:
+            if started is None:  # the first batch waits for the workers to start
+                started = time.perf_counter()
+                continue
+            real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
+            batches_read += 1
+            if time.perf_counter() - started >= seconds:
+                break
+    elapsed = time.perf_counter() - started
+    return {"real_tokens_per_sec": real / elapsed, "batches_per_sec": batches_read / elapsed, "seconds": elapsed,
+            "max_tokens": cfg.max_tokens, "batch_shape": list(shape), "num_workers": runtime.loader_workers(cfg, cuda),
+            "pinned": loader.pin_memory, "epoch_batches": len(sampler)}
 
 
 def attention_kernels(model, batch, precision, cfg, pad_id):
     """Names of the attention kernels SDPA picks for this batch (flash, memory-efficient, cuDNN or math)."""
     from torch.profiler import profile
-    batch = {k: v.to(precision[0]) for k, v in batch.items()}
+    batch = {k: v.to(precision.device) for k, v in batch.items()}
     with profile() as profiler, runtime.autocast(*precision):
         logits = model(batch["src"], batch["tgt_in"], batch.get("src_segments"), batch.get("tgt_segments"))
-        train.compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing).backward()
+        step.compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing).backward()
     model.zero_grad(set_to_none=True)
     return sorted({event.key.removeprefix("aten::") for event in profiler.key_averages()
                    if event.key.startswith("aten::_") and ("attention" in event.key or "flash" in event.key)})
@@ -90,9 +130,9 @@ def attention_kernels(model, batch, precision, cfg, pad_id):
 def bench_trainer(cfg, data, device):
     """train.py's own trainer for this config, every variant from the same weights (seeded by --seed), with a
     schedule long enough for any benchmark (the run's own would end after --epochs)."""
-    precision = (device, runtime.amp_dtype(cfg.amp, device))
+    precision = runtime.Precision(device, runtime.amp_dtype(cfg.amp, device))
     trainer, _ = train.build_trainer(cfg, data, None, 0, 1, precision, log=lambda message: None)
-    trainer.schedule = train.Schedule(train.make_scheduler(cfg, trainer.optimizer, 1_000_000))
+    trainer.schedule = step.Schedule(step.make_scheduler(cfg, trainer.optimizer, 1_000_000))
     return trainer
 
 
@@ -104,29 +144,29 @@ def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
     pad_id, pad_multiple = data.ids["pad"], runtime.pad_multiple(cfg, device)
     sampler = trainer.sampler
     pack_length = cfg.pack_length if cfg.batching == "packed" else 0
-    graphed = isinstance(trainer.step, train.GraphedStep)
     # torch.compile compiles again for the second shape it sees (then marks sizes dynamic), a CUDA graph is
     # captured after its eager warm-up: the timing starts after that
-    warmup = 30 if cfg.compile else train.GRAPH_WARMUP_STEPS + 3
+    warmup = 30 if cfg.compile else step.GRAPH_WARMUP_STEPS + 3
     steps, real, padded, started, kernels = 0, 0, 0, None, []
-    for group, *_ in train.training_steps(trainer, endless(trainer, device, fixed_lengths)):
-        batch = group[0]
-        if steps == 0:
-            kernels = attention_kernels(trainer.model, batch, precision, cfg, pad_id)
-        steps += 1
-        if steps == warmup:
-            runtime.synchronize(device)
-            started = time.perf_counter()
-        elif started is not None:
-            real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
-            padded += batch["src"].numel() + batch["labels"].numel()
-            if steps % 5 == 0:
+    with endless(trainer, device, fixed_lengths) as batches:
+        for group, *_ in train.training_steps(trainer, batches):
+            batch = group[0]
+            if steps == 0:
+                kernels = attention_kernels(trainer.model, batch, precision, cfg, pad_id)
+            steps += 1
+            if steps == warmup:
                 runtime.synchronize(device)
-                if time.perf_counter() - started >= seconds:
-                    break
+                started = time.perf_counter()
+            elif started is not None:
+                real += int((batch["src"] != pad_id).sum() + (batch["labels"] != pad_id).sum())
+                padded += batch["src"].numel() + batch["labels"].numel()
+                if steps % 5 == 0:
+                    runtime.synchronize(device)
+                    if time.perf_counter() - started >= seconds:
+                        break
     elapsed = time.perf_counter() - started
     sampler.set_epoch(0)
-    precision_name = PRECISION_NAMES[precision[1]]
+    precision_name = PRECISION_NAMES[precision.dtype]
     if precision_name not in peaks:
         peaks[precision_name] = runtime.peak_flops(*precision)
         log(f"peak matmul throughput, {precision_name}: {peaks[precision_name] / 1e9:,.0f} GFLOP/s")
@@ -136,11 +176,12 @@ def run_variant(name, cfg, data, device, seconds, peaks, fixed_lengths=None):
               "steps": steps - warmup, "seconds": elapsed, "precision": precision_name, "batching": cfg.batching,
               "dropout": cfg.dropout, "attn_dropout": cfg.attn_dropout, "compile": cfg.compile,
               "max_tokens": cfg.max_tokens, "lr": cfg.lr, "batch_shape": list(sampler.shape or ()) or "varied",
-              "cuda_graph": graphed, "attention_kernels": kernels}
+              "cuda_graph": train.cuda_graph_status(trainer), "attention_kernels": kernels,
+              "flops_per_token": trainer.flops_per_token}
     log(f"{name}: {result['real_tokens_per_sec']:,.0f} real tokens/s, {result['fraction_of_peak']:.1%} of the "
-        f"{precision_name} peak{', CUDA graph' if graphed else ''}, pad fraction {result['pad_fraction']:.3f} "
+        f"{precision_name} peak, CUDA graph {result['cuda_graph']}, pad fraction {result['pad_fraction']:.3f} "
         f"(whole epoch {result['epoch_pad_fraction']:.3f}), attention {', '.join(kernels)}")
-    return result, trainer.model, trainer.flops_per_token
+    return result, trainer.model
 
 
 def profile_steps(cfg, data, device, steps):
@@ -149,19 +190,20 @@ def profile_steps(cfg, data, device, steps):
     kernels run and the launches the host made (a graph replay is one launch of many kernels) per step."""
     from torch.profiler import ProfilerActivity, profile
     trainer = bench_trainer(cfg, data, device)
-    warmup = train.GRAPH_WARMUP_STEPS + 3
-    loop = train.training_steps(trainer, itertools.islice(endless(trainer, device), warmup + steps))
-    for _ in itertools.islice(loop, warmup):
-        pass
-    runtime.synchronize(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        started = time.perf_counter()
-        for _ in loop:
+    warmup = step.GRAPH_WARMUP_STEPS + 3
+    with endless(trainer, device) as batches:
+        loop = train.training_steps(trainer, itertools.islice(batches, warmup + steps))
+        for _ in itertools.islice(loop, warmup):
             pass
         runtime.synchronize(device)
-        wall = time.perf_counter() - started
-    result = {"steps": steps, "wall_ms_per_step": 1000 * wall / steps}
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as profiler:
+            started = time.perf_counter()
+            for _ in loop:
+                pass
+            runtime.synchronize(device)
+            wall = time.perf_counter() - started
+    result = {"steps": steps, "wall_ms_per_step": 1000 * wall / steps, "cuda_graph": train.cuda_graph_status(trainer)}
     if device.type == "cuda":
         kernels = [event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(event.time_range.elapsed_us() for event in kernels) / 1000 / steps
@@ -183,7 +225,7 @@ def decoding_speeds(model, sources, ids, cfg, beam, precision, uncached=True):
         with runtime.autocast(*precision):
             outputs = translate(model, sources, ids["sos"], ids["eos"], max_len_a=cfg.max_len_a,
                                 max_len_b=cfg.max_len_b, **options)
-        runtime.synchronize(precision[0])
+        runtime.synchronize(precision.device)
         seconds = time.perf_counter() - started
         results[f"{name}_sentences_per_sec"] = len(sources) / seconds
         results[f"{name}_tokens_per_sec"] = sum(len(output) + 1 for output in outputs) / seconds
@@ -192,83 +234,101 @@ def decoding_speeds(model, sources, ids, cfg, beam, precision, uncached=True):
         results["cache_speedup"] = (results["greedy_cache_sentences_per_sec"] /
                                     results["greedy_no_cache_sentences_per_sec"])
     results["sentences"] = len(sources)
-    results["precision"] = PRECISION_NAMES[precision[1]]
+    results["precision"] = PRECISION_NAMES[precision.dtype]
     return results
 
 
+@one_line_errors
 def main(argv=None):
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--seconds", type=float, default=20.0, help="training time per variant")
     parser.add_argument("--decode_sentences", type=int, default=200, help="validation sentences to decode")
     parser.add_argument("--decode_beam", type=int, default=4, help="beam size for the beam-search speed")
     parser.add_argument("--profile_steps", type=int, default=0, help="profile this many default steps (0 = none)")
+    parser.add_argument("--variants", help="comma-separated variants to run (default: all)")
     parser.add_argument("--decode_checkpoint", help="decode with this trained checkpoint's weights instead of the "
                                                     "briefly trained benchmark weights (whose outputs stop early)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = Config.from_args(rest, prog="bench.py")
     # checked before minutes of training, not after
     if not (0 < args.seconds < float("inf") and args.decode_sentences >= 1 and args.decode_beam >= 1):
-        raise SystemExit("error: --seconds must be positive and finite, --decode_sentences and --decode_beam "
+        raise RunError("--seconds must be positive and finite, --decode_sentences and --decode_beam "
                          "at least 1")
     if args.profile_steps < 0:
-        raise SystemExit("error: --profile_steps must not be negative")
+        raise RunError("--profile_steps must not be negative")
     if args.decode_checkpoint and not os.path.isfile(args.decode_checkpoint):
-        raise SystemExit(f"error: --decode_checkpoint {args.decode_checkpoint}: no such file")
+        raise RunError(f"--decode_checkpoint {args.decode_checkpoint}: no such file")
     if not cfg.data_files:
-        raise SystemExit("error: bench.py needs --data_files (local pairs; the benchmark never downloads)")
+        raise RunError("bench.py needs --data_files (local pairs; the benchmark never downloads)")
     _, _, device = runtime.setup_distributed(cfg)
     data = dataset.prepare_data(cfg, log=log)
     lengths = data.train.lengths()
     longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
-    amp = "fp16" if device.type == "cuda" else "bf16"
+    # the amp variants: fp16 + GradScaler on CUDA; bf16 on a CPU where its products run faster than fp32's, else
+    # fp32 (a CPU without bf16 units runs them at a fraction of its fp32 speed)
+    amp = "fp16" if device.type == "cuda" else "bf16" if runtime.amp_dtype("auto", device) else "off"
     reference = dict(batching="random", max_tokens=0, amp="off", dropout=0.1, attn_dropout=0.1, ema_decay=0)
-    variants = {"fixed": reference, "dynamic": reference,
+    variants = {"default": {}, "fixed": reference, "dynamic": reference,
                 "bucketed": dict(amp="off", batching="bucketed"), "bucketed_amp": dict(amp=amp, batching="bucketed"),
-                "packed": dict(amp="off", batching="packed"), "packed_amp": dict(amp=amp, batching="packed"),
-                "default": {}}
+                "packed": dict(amp="off", batching="packed"), "packed_amp": dict(amp=amp, batching="packed")}
     if device.type == "cuda":  # the default's CUDA graph against the same step launched kernel by kernel
         variants.update(packed_bf16_eager=dict(amp="bf16", batching="packed", cuda_graph=False),
                         packed_amp_compile=dict(amp=amp, batching="packed", compile=True))
-    results, peaks, model = {}, {}, None
-    for name, overrides in variants.items():
-        variant_cfg = runtime.resolve_autos(dataclasses.replace(cfg, **overrides), device)
-        results[name], model, flops_per_token = run_variant(name, variant_cfg, data, device, args.seconds, peaks,
-                                                            longest if name == "fixed" else None)
-    baseline = results["dynamic"]["real_tokens_per_sec"]
+    # the default first, compile (minutes of compiling) last: a run cut short has measured what matters most
+    chosen = args.variants.split(",") if args.variants else sorted([*variants, *LOADER_TOKENS],
+                                                                   key=lambda name: (name != "default", "compile" in name))
+    unknown = set(chosen) - set(variants) - set(LOADER_TOKENS)
+    if unknown:
+        raise RunError(f"--variants: no variant {', '.join(sorted(unknown))}; choose from "
+                       f"{', '.join([*variants, *LOADER_TOKENS])}")
     resolved = runtime.resolve_autos(cfg, device)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
-        "config": {k: getattr(resolved, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
-                                                     "n_decoder_layers", "n_unique_layers", "share", "ema_decay",
-                                                     "batch_size", "max_tokens", "batching", "amp", "pack_length",
-                                                     "pad_multiple", "attn_dropout", "lr", "batch_shape",
-                                                     "cuda_graph")},
-        "amp_auto": PRECISION_NAMES[runtime.amp_dtype("auto", device)],  # what --amp auto chose here
-        "flops_per_token": flops_per_token,
-        "peak_flops": peaks,
-        "variants": results,
-        "ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
-    }
+    emit({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+          "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
+          "data_files": cfg.data_files, "training_pairs": len(data.train),
+          "config": {k: getattr(resolved, k) for k in ("tokenizer", "d_model", "n_heads", "d_ff", "n_layers",
+                                                       "n_decoder_layers", "n_unique_layers", "share", "ema_decay",
+                                                       "batch_size", "max_tokens", "batching", "amp", "pack_length",
+                                                       "pad_multiple", "attn_dropout", "lr", "batch_shape",
+                                                       "cuda_graph")},
+          "amp_auto": PRECISION_NAMES[runtime.amp_dtype("auto", device)]})  # what --amp auto chose here
+    results, peaks, model = {}, {}, None
+    for name in chosen:
+        if name.startswith("loader"):
+            result = measure_loader(dataclasses.replace(cfg, max_tokens=LOADER_TOKENS[name]), data, args.seconds)
+            log(f"{name}: the input pipeline alone delivers {result['real_tokens_per_sec']:,.0f} real tokens/s")
+            emit({"variant": name, **result})
+            continue
+        variant_cfg = runtime.resolve_autos(dataclasses.replace(cfg, **variants[name]), device)
+        results[name], model = run_variant(name, variant_cfg, data, device, args.seconds, peaks,
+                                           longest if name == "fixed" else None)
+        emit({"variant": name, **results[name]})
+    if "dynamic" in results:
+        baseline = results["dynamic"]["real_tokens_per_sec"]
+        emit({"ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
+              "peak_flops": peaks})
     if args.profile_steps:
-        report["profile"] = profile_steps(resolved, data, device, args.profile_steps)
+        emit({"profile": profile_steps(resolved, data, device, args.profile_steps)})
+    if model is None and not args.decode_checkpoint:
+        return
     sources, ids = data.val.src_ids[:args.decode_sentences], data.ids
+    decoding = {}
     if args.decode_checkpoint:
         model, src_tokenizer, tgt_tokenizer, _ = load_translator(args.decode_checkpoint, device)
         sources = dataset.encode(src_tokenizer, [source for source, _ in data.val_pairs[:args.decode_sentences]])
         ids = dataset.special_ids(tgt_tokenizer)
-        report["decoding_checkpoint"] = args.decode_checkpoint
+        decoding["decoding_checkpoint"] = args.decode_checkpoint
     model.eval()
-    report["decoding"] = decoding_speeds(model, sources, ids, cfg, args.decode_beam,
-                                         (device, runtime.amp_dtype(cfg.amp, device)))
+    decoding["decoding"] = decoding_speeds(model, sources, ids, cfg, args.decode_beam,
+                                           runtime.Precision(device, runtime.amp_dtype(cfg.amp, device)))
     # every precision translate.py offers here: --amp off / bf16 / fp16, and --int8 on a CPU
     offered = {"fp32": (model, None), "bf16": (model, torch.bfloat16)}
     offered.update({"fp16": (model, torch.float16)} if device.type == "cuda" else
                    {"int8": (int8_linear_layers(model), None)})
-    report["decoding_by_precision"] = {
-        name: decoding_speeds(variant, sources, ids, cfg, args.decode_beam, (device, dtype), uncached=False)
+    decoding["decoding_by_precision"] = {
+        name: decoding_speeds(variant, sources, ids, cfg, args.decode_beam, runtime.Precision(device, dtype),
+                              uncached=False)
         for name, (variant, dtype) in offered.items()}
-    print(json.dumps(report, indent=2))
+    emit(decoding)
 
 
 if __name__ == "__main__":

@@ -18,13 +18,15 @@ import torch.distributed as dist
 from tokenizers import Tokenizer
 
 from config import Config
+from errors import RunError
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "cuda_graph", "log_every",
                      "pad_multiple", "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b",
                      "eval_every_minutes"}
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
-PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False}
+PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False,
+                   "cycle_momentum": True}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 
@@ -56,13 +58,13 @@ def locked_run_dir(run_dir, is_main):
         os.makedirs(run_dir, exist_ok=True)
         lock = open(os.path.join(run_dir, ".lock"), "w")
     except OSError as error:
-        raise SystemExit(f"error: cannot use --run_dir {run_dir}: {error.strerror}; pass a writable directory") \
+        raise RunError(f"cannot use --run_dir {run_dir}: {error.strerror}; pass a writable directory") \
             from None
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SystemExit(f"error: --run_dir {run_dir} is in use by another running train.py; wait for it "
+            raise RunError(f"--run_dir {run_dir} is in use by another running train.py; wait for it "
                              "or pass another --run_dir") from None
         yield
 
@@ -80,7 +82,7 @@ def write_or_explain(write, path):
             raise
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
         hint = "free some disk space" if error.errno == errno.ENOSPC else "check the directory"
-        raise SystemExit(f"error: could not write {path}: {error.strerror}; {kept}; {hint} and resume with "
+        raise RunError(f"could not write {path}: {error.strerror}; {kept}; {hint} and resume with "
                          "--resume auto") from None
 
 
@@ -103,21 +105,21 @@ def write_lines_atomic(lines, path):
 def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
     """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
     if os.path.isdir(path):
-        raise SystemExit(f"error: {path} is a directory; name a checkpoint file in it (e.g. "
+        raise RunError(f"{path} is a directory; name a checkpoint file in it (e.g. "
                          f"{os.path.join(path, 'last.pt')}), or resume a --run_dir's own with --resume auto")
     if not os.path.isfile(path):
-        raise SystemExit(f"error: checkpoint not found: {path}")
+        raise RunError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise SystemExit(f"error: refusing to load {path}: it holds pickled Python objects, which could run code; "
+        raise RunError(f"refusing to load {path}: it holds pickled Python objects, which could run code; "
                          "only checkpoints written by train.py load") from None
     except Exception as error:
-        raise SystemExit(f"error: cannot read checkpoint {path}: truncated or corrupt "
+        raise RunError(f"cannot read checkpoint {path}: truncated or corrupt "
                          f"({type(error).__name__})") from None
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise SystemExit(f"error: {path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+        raise RunError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
     for key in ("model", "training_model"):
         if key in checkpoint and join_self_attention_projections(checkpoint[key]):
             checkpoint["separate_self_attention_projections"] = True
@@ -171,14 +173,14 @@ def config_of(checkpoint, path):
               "share", "tie_embeddings")
     missing = [name for name in needed if not isinstance(saved, dict) or name not in saved]
     if missing:
-        raise SystemExit(f"error: {path}: its config lacks {', '.join(missing)}; the checkpoint was edited or is "
+        raise RunError(f"{path}: its config lacks {', '.join(missing)}; the checkpoint was edited or is "
                          "damaged")
     known = {field.name for field in dataclasses.fields(Config)}
     try:
         config = Config(**{**PREDATED_FIELDS, **{name: value for name, value in saved.items() if name in known}})
         config.validate()
     except (TypeError, ValueError) as error:
-        raise SystemExit(f"error: {path}: its config is not valid ({error}); the checkpoint was edited or is "
+        raise RunError(f"{path}: its config is not valid ({error}); the checkpoint was edited or is "
                          "damaged") from None
     return config
 
@@ -188,7 +190,7 @@ def tokenizers_of(checkpoint, path):
     try:
         return [Tokenizer.from_str(text) for text in checkpoint["tokenizers"]]
     except Exception:
-        raise SystemExit(f"error: {path}: its tokenizers are not the JSON train.py writes; the checkpoint was edited "
+        raise RunError(f"{path}: its tokenizers are not the JSON train.py writes; the checkpoint was edited "
                          "or is damaged") from None
 
 
@@ -214,7 +216,7 @@ def check_same_data(checkpoint, fingerprint, path):
     """Refuse to resume on data whose text changed: the old tokenizers and a reshuffled split would quietly
     move former training pairs into validation. (Checkpoints from before fingerprints pass unchecked.)"""
     if checkpoint.get("data_fingerprint", fingerprint) != fingerprint:
-        raise SystemExit(f"error: the data has changed since {path} was written (the pairs in --data_files, or the "
+        raise RunError(f"the data has changed since {path} was written (the pairs in --data_files, or the "
                          "hub dataset, differ); resume with the data it was trained on, or start a new --run_dir")
 
 
@@ -256,11 +258,11 @@ def check_resumable(checkpoint, cfg, path, world_size):
     saved = saved_config(checkpoint)
     for name, value in dataclasses.asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
-            raise SystemExit(f"error: {path} was trained with --{name} {saved.get(name)} but this run has --{name} "
+            raise RunError(f"{path} was trained with --{name} {saved.get(name)} but this run has --{name} "
                              f"{value}; resume with the same value (the schedule, data and model must match) "
                              "or start a new --run_dir")
     if len(checkpoint["ranks"]) != world_size:
-        raise SystemExit(f"error: {path} was written by a run of world size {len(checkpoint['ranks'])} but this "
+        raise RunError(f"{path} was written by a run of world size {len(checkpoint['ranks'])} but this "
                          f"run has world size {world_size}; resume with the same number of processes (torchrun "
                          "--nproc_per_node) because each process's data shard and the schedule length depend on it")
 
@@ -306,17 +308,7 @@ def restore_rng(state):
         torch.cuda.set_rng_state(state["cuda"], torch.cuda.current_device())
 
 
-def save(trainer, progress, sums, path, is_main):
-    """Gather every rank's RNG state and running sums (a collective), then rank 0 writes a self-contained
-    checkpoint of the run that `trainer` (train.Trainer) trains."""
-    averaged = {} if trainer.average is None else {"training_model": trainer.model.state_dict(),
-                                                   "ema_updates": trainer.average.updates}
-    state = {"model": trainer.translator.state_dict(), **averaged,
-             "optimizer": trainer.optimizer.state_dict(),
-             "scheduler": trainer.schedule.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-             **dataclasses.asdict(progress),
-             "ranks": rank_states(trainer.world_size, trainer.precision[0], sums),
-             "config": dataclasses.asdict(trainer.cfg), "data_fingerprint": trainer.data.fingerprint,
-             "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
+def save(state, path, is_main):
+    """Rank 0 writes `state` (train.py's training_state: every rank took part in building it) to path, atomically."""
     if is_main:
         save_atomic(state, path)

@@ -1,9 +1,7 @@
 """Every hyperparameter in one dataclass. Edit the defaults here or pass `--field value` flags."""
 import argparse
 import dataclasses
-import inspect
 import math
-import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -23,72 +21,97 @@ MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_decoder_layers", "n
                 "tie_embeddings", "dropout", "attn_dropout", "max_positions")
 
 
+def section(group):
+    """The field maker of one group of flags (how --help lists them): FIELD(default, help, choices=None)."""
+    def make_field(default, help, choices=None):
+        metadata = {"group": group, "help": help, "choices": choices}
+        if isinstance(default, list):
+            return field(default_factory=lambda: list(default), metadata=metadata)
+        return field(default=default, metadata=metadata)
+    return make_field
+
+
+DATA, MODEL, OPTIMISATION, SYSTEM, EVALUATION = map(section, ("data", "model", "optimisation", "system", "evaluation"))
+
+
 @dataclass
 class Config:
-    # data
-    dataset: str = "opus_books"  # Hugging Face dataset (Helsinki-NLP/<name>); ignored when data_files is set
-    lang_src: str = "en"  # source language key in the rows' "translation" dict
-    lang_tgt: str = "fr"  # target language key in the rows' "translation" dict
-    data_files: list[str] = field(default_factory=list)  # local .jsonl/.tsv/.parquet files; empty = the hub dataset
-    val_fraction: float = 0.03  # share of pairs held out for validation (seeded, stable split)
-    max_src_tokens: int = 150  # drop training pairs whose source has more tokens than this
-    max_len_diff: int = 10  # drop training pairs whose target is longer than source + this (in tokens)
-    max_positions: int = 1024  # longest sequence the model accepts (sinusoidal table size)
-    tokenizer: str = "word"  # word: one word-level vocabulary per language; bpe: one joint subword vocabulary
-    vocab_size: int = 16000  # joint vocabulary size for tokenizer=bpe
-    min_frequency: int = 2  # a word needs this many occurrences to enter a word-level vocabulary
-    lowercase_source: bool = True  # word tokenizer: fold the source's case ("Forget it!" reads as "forget it!")
-    # model
-    d_model: int = 512  # width of embeddings and residual stream
-    n_heads: int = 8  # attention heads; must divide d_model
-    d_ff: int = 128  # hidden width of the feed-forward sublayer
-    n_layers: int = 6  # layers in the encoder (and in the decoder, unless n_decoder_layers says otherwise)
-    n_decoder_layers: int = 1  # layers in the decoder (0 = n_layers): a shallow one decodes and trains faster
-    n_unique_layers: int = 3  # distinct blocks each stack's layers are drawn from (ignored when share=none)
-    share: str = "cycle_rev"  # cross-layer sharing: none, sequence, cycle, cycle_rev (Takase & Kiyono 2021)
-    tie_embeddings: bool = False  # one matrix for source, target and output embeddings (needs tokenizer=bpe)
-    dropout: float = -1.0  # dropout on embeddings, residual branches and FF hidden layer (-1 = auto: CUDA 0.1, CPU 0)
-    attn_dropout: float = 0.0  # dropout on attention weights (> 0 keeps SDPA off its fused CPU kernel)
-    # optimisation
-    epochs: int = 0  # passes over the training split (0 = auto: 10, or no limit when max_minutes is set)
-    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
-    max_minutes: float = 0.0  # training-time budget: the schedule is sized to end on time (0 = off)
-    batch_size: int = 32  # sentences per batch when max_tokens = 0
-    accum_steps: int = 1  # batches per optimizer step (gradient accumulation; 1 = none)
-    max_tokens: int = -1  # source + target tokens per batch (0 = batch_size sentences; -1 = auto: CPU 0, CUDA 16384)
-    batching: str = "packed"  # packed (random batches packed into rows), bucketed (similar lengths) or random
-    batch_shape: str = "auto"  # packed rows: fixed (one shape for CUDA graphs) or varied (auto: fixed on CUDA)
-    pack_length: int = 64  # packed: tokens a side per row, or its longest sentence (wider: less pad, more attention)
-    bucket_pool: int = 1000  # bucketed: batches' worth of shuffled examples sorted together (smaller = more random)
-    pad_multiple: int = 0  # pad batch widths to a multiple of this (0 = auto: 8 on CUDA or packed, else 1)
-    lr: float = 0.0  # OneCycle peak learning rate (0 = auto: 5e-4, x sqrt(max_tokens / 2048) above 2048 tokens)
-    weight_decay: float = 0.01  # AdamW weight decay
-    pct_start: float = 0.1  # share of steps spent warming up to the peak lr
-    three_phase: bool = False  # OneCycle: also anneal back to the initial lr before the final decay (reference)
-    anneal_strategy: str = "cos"  # OneCycle annealing: cos or linear (reference: linear)
-    div_factor: float = 10.0  # initial lr = lr / div_factor
-    final_div_factor: float = 10.0  # final lr = initial lr / final_div_factor
-    label_smoothing: float = 0.1  # label smoothing of the cross-entropy loss
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = off)
-    ema_decay: float = 0.998  # evaluate and save this moving average of the weights (0 = off: the trained ones)
-    nan_patience: int = 3  # stop after this many consecutive steps with a non-finite loss
-    # system
-    amp: str = "auto"  # auto (CUDA: bf16, else fp16; CPU: bf16 where measured faster than fp32), fp16, bf16, off
-    compile: bool = False  # torch.compile the model for training
-    cuda_graph: bool = True  # replay each step as one CUDA graph (fixed batch_shape, bf16/fp32, one process)
-    device: str = "auto"  # auto (cuda if available), cuda or cpu
-    seed: int = 42  # seeds the split, the batches, initialisation and dropout
-    num_workers: int = -1  # DataLoader worker processes (-1 = auto: 2 on CUDA, 0 on a CPU, whose cores train)
-    run_dir: str = "runs/opus_books"  # where checkpoints, metrics and TensorBoard logs go
-    resume: str = ""  # "" = fresh run, "auto" = run_dir/last.pt if it exists, or a checkpoint path
-    log_every: int = 50  # steps between progress-bar and TensorBoard updates
-    # evaluation
-    eval_every_minutes: float = 0.0  # evaluate and save at an epoch end after this much training (0 = auto, README)
-    n_eval_sentences: int = 500  # validation sentences translated per evaluation: BLEU/chrF/CER/WER; BLEU picks best.pt
-    beam: int = 1  # beam size for evaluation translations (1 = greedy)
-    length_penalty: float = 0.6  # GNMT length-penalty alpha for beam search
-    max_len_a: float = 1.2  # a translation has at most max_len_a * source tokens + max_len_b tokens
-    max_len_b: int = 10  # see max_len_a
+    dataset: str = DATA("opus_books", "Hugging Face dataset (Helsinki-NLP/<name>); ignored when data_files is set")
+    lang_src: str = DATA("en", 'source language key in the rows\' "translation" dict')
+    lang_tgt: str = DATA("fr", 'target language key in the rows\' "translation" dict')
+    data_files: list[str] = DATA([], "local .jsonl/.tsv/.parquet files; empty = the hub dataset")
+    val_fraction: float = DATA(0.03, "share of pairs held out for validation (seeded, stable split)")
+    max_src_tokens: int = DATA(150, "drop training pairs whose source has more tokens than this")
+    max_len_diff: int = DATA(10, "drop training pairs whose target is longer than source + this (in tokens)")
+    max_positions: int = DATA(1024, "longest sequence the model accepts (sinusoidal table size)")
+    tokenizer: str = DATA("word", "word: one word-level vocabulary per language; bpe: one joint subword vocabulary",
+                          choices=TOKENIZERS)
+    vocab_size: int = DATA(16000, "joint vocabulary size for tokenizer=bpe")
+    min_frequency: int = DATA(2, "a word needs this many occurrences to enter a word-level vocabulary")
+    lowercase_source: bool = DATA(True, 'word tokenizer: fold the source\'s case ("Forget it!" reads as "forget it!")')
+    d_model: int = MODEL(512, "width of embeddings and residual stream")
+    n_heads: int = MODEL(8, "attention heads; must divide d_model")
+    d_ff: int = MODEL(128, "hidden width of the feed-forward sublayer")
+    n_layers: int = MODEL(6, "layers in the encoder (and in the decoder, unless n_decoder_layers says otherwise)")
+    n_decoder_layers: int = MODEL(1, "layers in the decoder (0 = n_layers): a shallow one decodes and trains faster")
+    n_unique_layers: int = MODEL(3, "distinct blocks each stack's layers are drawn from (ignored when share=none)")
+    share: str = MODEL("cycle_rev", "cross-layer sharing (Takase & Kiyono 2021)", choices=SHARE_LAYOUTS)
+    tie_embeddings: bool = MODEL(False, "one matrix for source, target and output embeddings (needs tokenizer=bpe)")
+    dropout: float = MODEL(
+        -1.0, "dropout on embeddings, residual branches and FF hidden layer (-1 = auto: CUDA 0.1, CPU 0)")
+    attn_dropout: float = MODEL(0.0, "dropout on attention weights (> 0 keeps SDPA off its fused CPU kernel)")
+    epochs: int = OPTIMISATION(0, "passes over the training split (0 = auto: 10, or no limit when max_minutes is set)")
+    max_steps: int = OPTIMISATION(0, "stop after this many optimizer steps (0 = no limit)")
+    max_minutes: float = OPTIMISATION(0.0, "training-time budget: the schedule is sized to end on time (0 = off)")
+    batch_size: int = OPTIMISATION(32, "sentences per batch when max_tokens = 0")
+    accum_steps: int = OPTIMISATION(1, "batches per optimizer step (gradient accumulation; 1 = none)")
+    max_tokens: int = OPTIMISATION(
+        -1, "source + target tokens per batch (0 = batch_size sentences; -1 = auto: CPU 0, CUDA 16384)")
+    batching: str = OPTIMISATION(
+        "packed", "packed (random batches packed into rows), bucketed (similar lengths) or random", choices=BATCHINGS)
+    batch_shape: str = OPTIMISATION(
+        "auto", "packed rows: fixed (one shape for CUDA graphs) or varied (auto: fixed on CUDA)", choices=BATCH_SHAPES)
+    pack_length: int = OPTIMISATION(
+        64, "packed: tokens a side per row, or its longest sentence (wider: less pad, more attention)")
+    bucket_pool: int = OPTIMISATION(
+        1000, "bucketed: batches' worth of shuffled examples sorted together (smaller = more random)")
+    pad_multiple: int = OPTIMISATION(
+        0, "pad batch widths to a multiple of this (0 = auto: 8 on CUDA or packed, else 1)")
+    lr: float = OPTIMISATION(
+        0.0, "OneCycle peak learning rate (0 = auto: 5e-4, x sqrt(max_tokens / 2048) above 2048 tokens)")
+    weight_decay: float = OPTIMISATION(0.01, "AdamW weight decay")
+    pct_start: float = OPTIMISATION(0.1, "share of steps spent warming up to the peak lr")
+    three_phase: bool = OPTIMISATION(
+        False, "OneCycle: also anneal back to the initial lr before the final decay (reference)")
+    cycle_momentum: bool = OPTIMISATION(
+        False, "OneCycle: also cycle AdamW's beta1 between 0.95 and 0.85 (reference; the CUDA graph needs false)")
+    anneal_strategy: str = OPTIMISATION(
+        "cos", "OneCycle annealing (reference: linear)", choices=ANNEAL_STRATEGIES)
+    div_factor: float = OPTIMISATION(10.0, "initial lr = lr / div_factor")
+    final_div_factor: float = OPTIMISATION(10.0, "final lr = initial lr / final_div_factor")
+    label_smoothing: float = OPTIMISATION(0.1, "label smoothing of the cross-entropy loss")
+    grad_clip: float = OPTIMISATION(1.0, "clip the global gradient norm to this (0 = off)")
+    ema_decay: float = OPTIMISATION(
+        0.998, "evaluate and save this moving average of the weights (0 = off: the trained ones)")
+    nan_patience: int = OPTIMISATION(3, "stop after this many consecutive steps with a non-finite loss")
+    amp: str = SYSTEM("auto", "auto (CUDA: bf16, else fp16; CPU: bf16 where measured faster than fp32), fp16, bf16, "
+                              "off", choices=AMP_MODES)
+    compile: bool = SYSTEM(False, "torch.compile the model for training")
+    cuda_graph: bool = SYSTEM(True, "replay each step as one CUDA graph (fixed batch_shape, bf16/fp32, one process)")
+    device: str = SYSTEM("auto", "auto: cuda if available", choices=DEVICES)
+    seed: int = SYSTEM(42, "seeds the split, the batches, initialisation and dropout")
+    num_workers: int = SYSTEM(-1, "DataLoader worker processes (-1 = auto: 2 on CUDA, 0 on a CPU, whose cores train)")
+    run_dir: str = SYSTEM("runs/opus_books", "where checkpoints, metrics and TensorBoard logs go")
+    resume: str = SYSTEM("", '"" = fresh run, "auto" = run_dir/last.pt if it exists, or a checkpoint path')
+    log_every: int = SYSTEM(50, "steps between progress-bar and TensorBoard updates")
+    eval_every_minutes: float = EVALUATION(
+        0.0, "evaluate and save at an epoch end after this much training (0 = auto, README)")
+    n_eval_sentences: int = EVALUATION(
+        500, "validation sentences translated per evaluation: BLEU/chrF/CER/WER; BLEU picks best.pt")
+    beam: int = EVALUATION(1, "beam size for evaluation translations (1 = greedy)")
+    length_penalty: float = EVALUATION(0.6, "GNMT length-penalty alpha for beam search")
+    max_len_a: float = EVALUATION(1.2, "a translation has at most max_len_a * source tokens + max_len_b tokens")
+    max_len_b: int = EVALUATION(10, "see max_len_a")
 
     def validate(self):
         """Raise ValueError with a one-line message naming the flag to change."""
@@ -100,15 +123,10 @@ class Config:
             value = getattr(self, f.name)
             require(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be a finite number "
                                                                             f"(got {value})")
-        require(self.share in SHARE_LAYOUTS, f"--share must be one of {', '.join(SHARE_LAYOUTS)} (got {self.share!r})")
-        require(self.tokenizer in TOKENIZERS,
-                f"--tokenizer must be one of {', '.join(TOKENIZERS)} (got {self.tokenizer!r})")
-        require(self.amp in AMP_MODES, f"--amp must be one of {', '.join(AMP_MODES)} (got {self.amp!r})")
-        require(self.anneal_strategy in ANNEAL_STRATEGIES,
-                f"--anneal_strategy must be one of {', '.join(ANNEAL_STRATEGIES)} (got {self.anneal_strategy!r})")
-        require(self.batching in BATCHINGS,
-                f"--batching must be one of {', '.join(BATCHINGS)} (got {self.batching!r})")
-        require(self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            require(choices is None or getattr(self, f.name) in choices,
+                    f"--{f.name} must be one of {', '.join(choices or ())} (got {getattr(self, f.name)!r})")
         require(self.lang_src != self.lang_tgt, f"--lang_src and --lang_tgt must differ (both {self.lang_src!r})")
         for name in ("d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers", "batch_size",
                      "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pack_length", "accum_steps",
@@ -120,7 +138,7 @@ class Config:
                      "weight_decay", "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % self.n_heads == 0,
-                f"n_heads must divide d_model (got {self.d_model} and {self.n_heads})")
+                f"--n_heads must divide --d_model (got {self.d_model} and {self.n_heads})")
         require(self.max_src_tokens + self.max_len_diff < self.max_positions,
                 f"--max_positions must exceed --max_src_tokens + --max_len_diff, the longest training target "
                 f"(got {self.max_positions} <= {self.max_src_tokens} + {self.max_len_diff})")
@@ -140,8 +158,6 @@ class Config:
                 "--div_factor and --final_div_factor must be positive")
         require(self.max_tokens in (-1, 0) or self.max_tokens >= 16,
                 f"--max_tokens must be -1 (auto), 0 or at least 16 (got {self.max_tokens})")
-        require(self.batch_shape in BATCH_SHAPES,
-                f"--batch_shape must be one of {', '.join(BATCH_SHAPES)} (got {self.batch_shape!r})")
         require(self.batch_shape != "fixed" or (self.batching == "packed" and self.max_tokens != 0),
                 "--batch_shape fixed needs --batching packed and a token budget (--max_tokens -1 or at least 16)")
         for path in self.data_files:
@@ -156,20 +172,23 @@ class Config:
     @classmethod
     def from_args(cls, argv=None, prog=None):
         """Build a Config from `--field value` flags; bad flags or values exit with one line."""
-        parser = OneLineParser(prog=prog, description="Every flag is a field of config.Config.")
+        parser = OneLineParser(prog=prog, usage="%(prog)s [--field value ...]",
+                               description="Every flag is a field of config.Config; edit its defaults there.")
         hints = typing.get_type_hints(cls)
-        # --help shows the one-line comment each field carries in this file
-        comments = dict(re.findall(r"^    (\w+): .*?  # (.+)$", inspect.getsource(cls), re.MULTILINE))
+        groups = {}
         for f in dataclasses.fields(cls):
+            group = groups.get(f.metadata["group"]) or groups.setdefault(
+                f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            kind, help_text = hints[f.name], f"{comments.get(f.name, '')} (default: {default})"
+            kind, help_text = hints[f.name], f"{f.metadata['help']} (default: {default})"
             if kind is bool:
-                parser.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="true|false",
-                                    help=help_text)
+                group.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="true|false",
+                                   help=help_text)
             elif kind == list[str]:
-                parser.add_argument(f"--{f.name}", nargs="*", default=default, metavar="FILE", help=help_text)
+                group.add_argument(f"--{f.name}", nargs="*", default=default, metavar="FILE", help=help_text)
             else:
-                parser.add_argument(f"--{f.name}", type=kind, default=default, help=help_text)
+                group.add_argument(f"--{f.name}", type=kind, default=default, choices=f.metadata["choices"],
+                                   help=help_text)
         config = cls(**vars(parser.parse_args(sys.argv[1:] if argv is None else argv)))
         try:
             config.validate()

@@ -11,14 +11,25 @@ import math
 import os
 import signal
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from errors import RunError
+
 CPU_PROBE_SIZE = 1024  # the matrix product timed at start-up on a CPU: seconds of start-up, not minutes
+CPU_SCREEN_SIZE = 256  # a first, small product: a CPU without bf16 units is 10-30x slower there already
+PROBE_SECONDS = 1.0  # peak_flops stops repeating its product after this long (a slow dtype: after one product)
 GPU_MAX_TOKENS = 16384  # --max_tokens auto on CUDA (README: A token budget on a GPU)
 BASE_LR, BASE_LR_TOKENS = 5e-4, 2048  # --lr auto: BASE_LR up to BASE_LR_TOKENS per batch, then x sqrt(tokens / it)
 GPU_DROPOUT = 0.1  # --dropout auto on CUDA, whose runs see the data dozens of times (README: A token budget on a GPU)
+
+
+class Precision(NamedTuple):
+    """Where a run computes and in which autocast dtype (None: full fp32)."""
+    device: torch.device
+    dtype: torch.dtype = None
 
 
 def setup_distributed(cfg):
@@ -26,7 +37,7 @@ def setup_distributed(cfg):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
+        raise RunError("--device cuda but no CUDA device is available; use --device cpu")
     if world_size == 1:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -53,11 +64,13 @@ def resolve_autos(cfg, device):
 
 def graph_obstacle(cfg, device, dtype, world_size):
     """Why the training step cannot be replayed as one CUDA graph here (None: it can). fp16's GradScaler decides
-    on the host; DDP's and accumulation's steps are several graphs' worth; compile has graphs of its own."""
+    on the host; DDP's and accumulation's steps are several graphs' worth; compile has graphs of its own. Every
+    other number the captured step uses is either constant over the run or read from a device tensor (the rate)."""
     reasons = [(not cfg.cuda_graph, "--cuda_graph false"), (device.type != "cuda", "not on CUDA"),
                (cfg.batch_shape != "fixed", "batches of varied shapes (--batch_shape fixed)"),
                (dtype == torch.float16, "fp16 with GradScaler"), (world_size > 1, "several processes"),
-               (cfg.accum_steps > 1, "--accum_steps above 1"), (cfg.compile, "--compile true")]
+               (cfg.accum_steps > 1, "--accum_steps above 1"), (cfg.compile, "--compile true"),
+               (cfg.cycle_momentum, "--cycle_momentum true changes beta1, which a graph bakes in, at every step")]
     return next((reason for failed, reason in reasons if failed), None)
 
 
@@ -69,13 +82,16 @@ def amp_dtype(amp, device):
     if amp == "auto" and device.type == "cuda":
         amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     elif amp == "auto":
-        faster = torch.tensor(float(peak_flops(device, torch.bfloat16, CPU_PROBE_SIZE) >
-                                    peak_flops(device, None, CPU_PROBE_SIZE)))
+        # a CPU whose bf16 products run at under half its fp32 speed at the small size has no bf16 units: the
+        # large product, which takes it seconds, is not needed to tell
+        faster = (peak_flops(device, torch.bfloat16, CPU_SCREEN_SIZE) > peak_flops(device, None, CPU_SCREEN_SIZE) / 2
+                  and peak_flops(device, torch.bfloat16, CPU_PROBE_SIZE) > peak_flops(device, None, CPU_PROBE_SIZE))
+        faster = torch.tensor(float(faster))
         if dist.is_initialized():  # every rank trains in the precision that rank 0 measured
             dist.broadcast(faster, 0)
         amp = "bf16" if faster else "off"
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise SystemExit("error: --amp bf16 is not supported on this GPU; use --amp fp16")
+        raise RunError("--amp bf16 is not supported on this GPU; use --amp fp16")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "off": None}[amp]
 
 
@@ -109,13 +125,16 @@ def peak_flops(device, dtype, size=None):
     size = size or (8192 if device.type == "cuda" else 2048)
     generator = torch.Generator(device).manual_seed(0)  # the global RNG drives dropout: leave it alone
     a, b = (torch.rand(size, size, device=device, generator=generator).to(dtype or torch.float32) for _ in range(2))
-    best = float("inf")
+    best, spent = float("inf"), 0.0
     for _ in range(10):  # the fastest of several: a busy machine only ever slows a product down
         synchronize(device)
         started = time.perf_counter()
         a @ b
         synchronize(device)
         best = min(best, time.perf_counter() - started)
+        spent += time.perf_counter() - started
+        if spent > PROBE_SECONDS:
+            break
     return 2 * size ** 3 / best
 
 
@@ -165,6 +184,20 @@ def start_loader(loader):
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextlib.contextmanager
+def running_loader(loader):
+    """start_loader(loader) for the length of a with-block, whose end, by an error too, shuts its worker processes
+    down: they ignore SIGTERM, so the interpreter's exit, which terminates and then joins them, would wait forever
+    for workers that an error left without the loader's own shutdown."""
+    batches = start_loader(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # only a multi-process iterator has workers
+        if shutdown is not None:
+            shutdown()
 
 
 def leave_stopping_to_the_main_process(worker_id):

@@ -19,6 +19,8 @@ import torch
 import dataset
 from checkpoint import config_of, load_checkpoint, tokenizers_of
 from config import MODEL_FIELDS, OneLineParser
+from errors import RunError, one_line_errors
+from metrics import score
 from model import Transformer, int8_linear_layers, translate
 from runtime import amp_dtype, autocast
 
@@ -34,7 +36,7 @@ def load_translator(path, device):
                                                                           for name in MODEL_FIELDS})
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, ValueError, TypeError):
-        raise SystemExit(f"error: {path}: its weights do not match the model its config describes; "
+        raise RunError(f"{path}: its weights do not match the model its config describes; "
                          "the checkpoint is damaged or was edited") from None
     return model.to(device).eval(), src_tokenizer, tgt_tokenizer, dataclasses.asdict(cfg)
 
@@ -65,16 +67,6 @@ def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam
     return results
 
 
-def score(hypotheses, references):
-    """Corpus BLEU and chrF (sacrebleu), character and word error rates (torchmetrics) of detokenized text."""
-    import sacrebleu
-    from torchmetrics.functional.text import char_error_rate, word_error_rate
-    return {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
-            "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
-            "cer": float(char_error_rate(hypotheses, references)),
-            "wer": float(word_error_rate(hypotheses, references))}
-
-
 def read_stdin_lines():
     """Lines of standard input; a UTF-8 byte-order mark and Windows line endings are accepted."""
     texts = []
@@ -82,10 +74,11 @@ def read_stdin_lines():
         try:
             texts.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
         except UnicodeDecodeError:
-            raise SystemExit(f"error: standard input line {number} is not UTF-8; convert the text to UTF-8") from None
+            raise RunError(f"standard input line {number} is not UTF-8; convert the text to UTF-8") from None
     return texts
 
 
+@one_line_errors
 def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train.py")
@@ -115,7 +108,7 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is available; use --device cpu")
+        raise RunError("--device cuda but no CUDA device is available; use --device cpu")
     model, src_tokenizer, tgt_tokenizer, cfg = load_translator(args.checkpoint, device)
     word_level = cfg["tokenizer"] == "word"
     options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len, max_tokens=args.max_tokens,

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -5,24 +7,28 @@ from config import Config
 from runtime import resolve_autos
 
 
-def test_defaults_keep_the_reference_architecture_with_the_measured_recipe():
-    """The reference recipe itself is one README command (test_train checks it); the defaults are the README's
-    time-to-quality choice: two-phase cosine OneCycle at the reference's peak, no dropout, packed batches (on a
-    CPU; CUDA's autos are tested below)."""
-    cfg = resolve_autos(Config.from_args([]), torch.device("cpu"))
-    assert (cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.n_unique_layers, cfg.share) == (512, 8, 128, 6, 3, "cycle_rev")
-    assert (cfg.dataset, cfg.lang_src, cfg.lang_tgt, cfg.tokenizer, cfg.amp) == ("opus_books", "en", "fr", "word", "auto")
-    assert (cfg.lr, cfg.pct_start, cfg.three_phase, cfg.anneal_strategy) == (5e-4, 0.1, False, "cos")
-    assert (cfg.label_smoothing, cfg.dropout, cfg.attn_dropout, cfg.batch_size) == (0.1, 0.0, 0.0, 32)
-    assert (cfg.batching, cfg.max_tokens, cfg.accum_steps) == ("packed", 0, 1)  # random batches of 32, packed
-    assert (cfg.batch_shape, cfg.epochs) == ("varied", 0)  # epochs 0: 10, or as many as --max_minutes allows
+def test_the_defaults_validate_resolve_and_build_a_model_on_either_device():
+    """Whatever config.py's defaults are edited to: they pass validation, every auto resolves, and the model they
+    describe builds and runs a forward pass (the values themselves are the docs' to justify, not this test's)."""
+    from model import Transformer
+    from config import AUTO_VALUES, MODEL_FIELDS
+    Config().validate()
+    for device in ("cpu", "cuda"):
+        cfg = resolve_autos(Config.from_args([]), torch.device(device))
+        cfg.validate()
+        assert all(getattr(cfg, name) != auto for name, auto in AUTO_VALUES.items() if name != "epochs")
+    model = Transformer(50, 60, 0, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
+    ids = torch.randint(4, 50, (2, 7))
+    assert model(ids, ids).shape == (2, 7, 60)
 
 
 def test_cuda_autos_are_a_token_budget_of_fixed_shape_with_a_raised_rate_and_dropout():
-    cfg = resolve_autos(Config(), torch.device("cuda"))
-    assert (cfg.max_tokens, cfg.batch_shape, cfg.dropout) == (16384, "fixed", 0.1)
-    assert cfg.lr == pytest.approx(5e-4 * (16384 / 2048) ** 0.5)
-    assert resolve_autos(Config(max_tokens=1024), torch.device("cuda")).lr == 5e-4  # never below the base rate
+    import runtime
+    cfg = resolve_autos(Config(max_tokens=-1, batch_shape="auto", lr=0, dropout=-1, batching="packed"),
+                        torch.device("cuda"))
+    assert (cfg.max_tokens, cfg.batch_shape, cfg.dropout) == (runtime.GPU_MAX_TOKENS, "fixed", runtime.GPU_DROPOUT)
+    assert cfg.lr == pytest.approx(runtime.BASE_LR * (runtime.GPU_MAX_TOKENS / runtime.BASE_LR_TOKENS) ** 0.5)
+    assert resolve_autos(Config(max_tokens=1024, lr=0), torch.device("cuda")).lr == runtime.BASE_LR  # never below
     chosen = resolve_autos(Config(lr=1e-3, batch_shape="varied", max_tokens=4096, dropout=0), torch.device("cuda"))
     assert (chosen.lr, chosen.batch_shape, chosen.max_tokens, chosen.dropout) == (1e-3, "varied", 4096, 0)  # flags win
     assert resolve_autos(Config(batching="bucketed"), torch.device("cuda")).batch_shape == "varied"
@@ -37,18 +43,19 @@ def test_flags_are_derived_from_fields():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--n_heads", "7"], "n_heads must divide d_model (got 512 and 7)"),
-    (["--share", "ring"], "--share must be one of none, sequence, cycle, cycle_rev"),
-    (["--n_unique_layers", "7"], "--n_unique_layers must not exceed --n_layers"),
-    (["--tie_embeddings", "true"], "--tie_embeddings true needs --tokenizer bpe"),
-    (["--amp", "fp8"], "--amp must be one of"),
+    (["--d_model", "512", "--n_heads", "7"], "--n_heads must divide --d_model (got 512 and 7)"),
+    (["--share", "ring"], "argument --share: invalid choice: 'ring' (choose from 'none', 'sequence'"),
+    (["--n_layers", "6", "--n_unique_layers", "7"], "--n_unique_layers must not exceed --n_layers"),
+    (["--tokenizer", "word", "--tie_embeddings", "true"], "--tie_embeddings true needs --tokenizer bpe"),
+    (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
     (["--val_fraction", "1.5"], "--val_fraction must be between 0 and 1"),
     (["--d_model", "big"], "argument --d_model: invalid int value"),
     (["--compile", "maybe"], "expected true or false"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
     (["--data_files", "pairs.csv"], "--data_files takes .jsonl, .tsv or .parquet"),
-    (["--batching", "sorted"], "--batching must be one of packed, bucketed, random"),
-    (["--max_positions", "160"], "--max_positions must exceed --max_src_tokens + --max_len_diff"),
+    (["--batching", "sorted"], "argument --batching: invalid choice: 'sorted'"),
+    (["--max_positions", "160", "--max_src_tokens", "150", "--max_len_diff", "10"],
+     "--max_positions must exceed --max_src_tokens + --max_len_diff"),
     (["--length_penalty", "nan"], "--length_penalty must be a finite number (got nan)"),
     (["--max_len_a", "inf"], "--max_len_a must be a finite number (got inf)"),
     (["--max_len_a", "-1"], "--max_len_a must not be negative (got -1.0)"),
@@ -57,9 +64,10 @@ def test_flags_are_derived_from_fields():
     (["--dropout", "-0.5"], "--dropout must be -1 (auto) or at least 0 and below 1 (got -0.5)"),
     (["--dropout", "1"], "--dropout must be -1 (auto) or at least 0 and below 1 (got 1.0)"),
     (["--attn_dropout", "1"], "--attn_dropout must be below 1 (got 1.0)"),
-    (["--batch_shape", "square"], "--batch_shape must be one of auto, fixed, varied"),
+    (["--batch_shape", "square"], "argument --batch_shape: invalid choice: 'square'"),
     (["--batch_shape", "fixed", "--batching", "bucketed"], "--batch_shape fixed needs --batching packed"),
-    (["--batch_shape", "fixed", "--max_tokens", "0"], "--batch_shape fixed needs --batching packed and a token"),
+    (["--batch_shape", "fixed", "--batching", "packed", "--max_tokens", "0"],
+     "--batch_shape fixed needs --batching packed and a token"),
 ])
 def test_bad_flags_exit_with_one_line_naming_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -73,12 +81,24 @@ def test_tying_is_accepted_with_bpe():
     assert Config.from_args(["--tokenizer", "bpe", "--tie_embeddings", "true"]).tie_embeddings
 
 
-def test_every_field_has_a_comment_shown_by_help(capsys):
+def test_a_config_built_in_code_is_checked_against_the_choices_as_flags_are():
+    with pytest.raises(ValueError, match="--share must be one of none, sequence, cycle, cycle_rev"):
+        Config(share="ring").validate()
+
+
+def test_help_groups_every_flag_with_its_text_choices_and_default(capsys):
     with pytest.raises(SystemExit):
         Config.from_args(["--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert "--pack_length PACK_LENGTH packed: tokens a side per row" in out
-    options = out.split("options:")[1]
-    for name in Config.__dataclass_fields__:
-        help_text = options.split(f"--{name} ", 1)[1].split("(default:", 1)[0]
-        assert len(help_text.split()) >= 3, name  # metavar plus a comment of at least two words
+    out = capsys.readouterr().out
+    sections = {}
+    for block in out.split("\n\n"):
+        title, _, rest = block.partition(":\n")
+        sections[title.strip()] = " ".join(rest.split())
+    assert {"data", "model", "optimisation", "system", "evaluation"} <= set(sections)
+    for f in dataclasses.fields(Config):
+        text = sections[f.metadata["group"]]
+        assert f"--{f.name} " in text, f.name
+        help_text = text.split(f"--{f.name} ", 1)[1].split("(default:", 1)[0]
+        assert " ".join(f.metadata["help"].split()[:3]) in help_text, f.name
+    assert "--share {none,sequence,cycle,cycle_rev}" in sections["model"]
+    assert "--compile true|false" in sections["system"]

@@ -7,8 +7,10 @@ import warnings
 import pytest
 import torch
 
+import batching
 import dataset
 import runtime
+import step
 import train
 from averaging import WeightAverage
 from config import Config
@@ -30,13 +32,13 @@ def losses(dtype, steps=30):
     """Per-step training losses of a tiny model from the same start, in one precision."""
     cfg = Config(dropout=0.0, lr=3e-3)
     model = make_model(d_model=64).to(CUDA).train()
-    optimizer, scheduler = train.make_optimizer(cfg, model, CUDA, steps)
-    schedule = train.Schedule(scheduler)
+    optimizer, scheduler = step.make_optimizer(cfg, model, CUDA, steps)
+    schedule = step.Schedule(scheduler)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     batch = {k: v.to(CUDA) for k, v in one_batch().items()}
     result = []
     for _ in range(steps):
-        loss, tokens, _, _ = train.train_step(model, [batch], optimizer, schedule, scaler, (CUDA, dtype), cfg, PAD)
+        loss, tokens, _, _ = step.train_step(model, [batch], optimizer, schedule, scaler, runtime.Precision(CUDA, dtype), cfg, PAD)
         result.append(float(loss) / int(tokens))
     schedule.settle()
     return result
@@ -56,8 +58,8 @@ def test_packed_rows_equal_unpacked_ones_in_half_precision(dtype, atol):
     """Tolerance: logits of size ~1 agree to fp16's (~1e-3 relative) or bf16's (~1e-2) rounding, a few times over."""
     batch_examples = examples([4, 9, 6, 3, 7, 2], [3, 5, 10, 2, 6, 4])
     model = make_model(share="cycle_rev", n_layers=4, n_unique=2).to(CUDA)
-    padded = {k: v.to(CUDA) for k, v in dataset.collate(batch_examples, PAD, pad_multiple=8).items()}
-    packed = {k: v.to(CUDA) for k, v in dataset.collate(batch_examples, PAD, pad_multiple=8, pack_length=12).items()}
+    padded = {k: v.to(CUDA) for k, v in batching.collate(batch_examples, PAD, pad_multiple=8).items()}
+    packed = {k: v.to(CUDA) for k, v in batching.collate(batch_examples, PAD, pad_multiple=8, pack_length=12).items()}
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         padded_logits = model(padded["src"], padded["tgt_in"]).float()
         packed_logits = model(packed["src"], packed["tgt_in"], packed["src_segments"], packed["tgt_segments"]).float()
@@ -90,14 +92,14 @@ def test_compile_keeps_to_two_graphs_over_varied_shapes():
     cfg = cpu_config()
     model = make_model().to(CUDA).train()
     compiled = torch.compile(model)
-    optimizer, scheduler = train.make_optimizer(cfg, model, CUDA, 10)
-    schedule = train.Schedule(scheduler)
+    optimizer, scheduler = step.make_optimizer(cfg, model, CUDA, 10)
+    schedule = step.Schedule(scheduler)
     scaler = torch.amp.GradScaler("cuda")
     for seed, (src_lens, tgt_lens) in enumerate([([5, 3, 7], [4, 6, 3]), ([9, 4], [2, 8]),
                                                  ([2, 6, 3, 8], [7, 3, 5, 2]), ([11, 2], [3, 12])]):
-        batch = dataset.collate(examples(src_lens, tgt_lens, seed), PAD, pad_multiple=8, pack_length=16)
-        train.train_step(compiled, [{k: v.to(CUDA) for k, v in batch.items()}], optimizer, schedule, scaler,
-                         (CUDA, torch.float16), cfg, PAD)
+        batch = batching.collate(examples(src_lens, tgt_lens, seed), PAD, pad_multiple=8, pack_length=16)
+        step.train_step(compiled, [{k: v.to(CUDA) for k, v in batch.items()}], optimizer, schedule, scaler,
+                         runtime.Precision(CUDA, torch.float16), cfg, PAD)
     assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
@@ -114,25 +116,25 @@ def test_a_cpu_checkpoint_resumes_on_cuda(tmp_path, monkeypatch):
 def count_syncs(dtype, steps=4):
     cfg = cpu_config(dropout=0.0)
     model = make_model().to(CUDA).train()
-    optimizer, scheduler = train.make_optimizer(cfg, model, CUDA, 100)
-    schedule = train.Schedule(scheduler)
+    optimizer, scheduler = step.make_optimizer(cfg, model, CUDA, 100)
+    schedule = step.Schedule(scheduler)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     batch = {k: v.pin_memory() for k, v in one_batch().items()}
     average = WeightAverage(model, 0.99)  # --ema_decay, on by default
 
-    def step():
-        train.train_step(model, [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}], optimizer, schedule,
-                         scaler, (CUDA, dtype), cfg, PAD)
+    def one_step():
+        step.train_step(model, [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}], optimizer, schedule,
+                         scaler, runtime.Precision(CUDA, dtype), cfg, PAD)
         average.update(model)
 
-    step()  # the first step creates the optimizer state and copies the weights into the average
+    one_step()  # the first step creates the optimizer state and copies the weights into the average
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(steps):
-                step()
+                one_step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught) / steps
@@ -151,8 +153,9 @@ def graph_trainer(cuda_graph, amp, **fields):
     cfg = resolve_autos(Config(data_files=[FIXTURE], d_model=32, n_heads=2, d_ff=64, n_layers=2, n_unique_layers=1,
                                max_tokens=1024, amp=amp, cuda_graph=cuda_graph, **fields), CUDA)
     data = dataset.prepare_data(cfg, log=lambda message: None)
-    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, (CUDA, runtime.amp_dtype(amp, CUDA)), lambda m: None)
-    collate = dataset.make_collate(data.ids["pad"], 8, shape=trainer.sampler.shape)
+    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, runtime.Precision(CUDA, runtime.amp_dtype(amp, CUDA)),
+                                     lambda m: None)
+    collate = batching.make_collate(data.ids["pad"], 8, shape=trainer.sampler.shape)
     batches = [collate([data.train[i] for i in indices]) for indices in trainer.sampler]
     return trainer, [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
 
@@ -164,11 +167,11 @@ def test_a_cuda_graph_step_computes_what_eager_steps_compute(amp, rel):
     results = []
     for cuda_graph in (False, True):
         trainer, batches = graph_trainer(cuda_graph, amp)
-        assert isinstance(trainer.step, train.GraphedStep) == cuda_graph
+        assert isinstance(trainer.step, step.GraphedStep) == cuda_graph
         losses = [float(loss) / int(tokens) for _, loss, tokens, _, _ in train.training_steps(trainer, batches * 2)]
         trainer.schedule.settle()
         results.append((losses, trainer.model.state_dict(), trainer.schedule.scheduler.last_epoch))
-    assert len(results[0][0]) > train.GRAPH_WARMUP_STEPS + 3 and trainer.step.graph is not None
+    assert len(results[0][0]) > step.GRAPH_WARMUP_STEPS + 3 and trainer.step.graph is not None
     (eager_losses, eager_weights, eager_steps), (graph_losses, graph_weights, graph_steps) = results
     assert graph_losses == pytest.approx(eager_losses, rel=rel) and graph_steps == eager_steps
     for name, weight in eager_weights.items():
@@ -179,22 +182,29 @@ def test_a_cuda_graph_step_skips_a_non_finite_update_and_launches_a_few_kernels(
     from torch.profiler import ProfilerActivity, profile
     trainer, batches = graph_trainer(True, "bf16", ema_decay=0)
     steps = train.training_steps(trainer, itertools.cycle(batches))
-    for _ in range(train.GRAPH_WARMUP_STEPS + 2):
+    for _ in range(step.GRAPH_WARMUP_STEPS + 2):
         next(steps)
+    assert trainer.step.status == "captured"
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        start.record()
         for _ in range(4):
             next(steps)
+        end.record()
         torch.cuda.synchronize()
     launches = [e for e in profiler.events() if e.name.startswith(("cudaLaunch", "cuLaunch", "cudaGraphLaunch"))]
     kernels = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert len(launches) / 4 <= 12 < 100 <= len(kernels) / 4  # the step's hundreds of kernels in one graph launch
+    # the graph was captured before the profiler started: its kernels' times must fit in what CUDA events measured
+    kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1000
+    assert 0 < kernel_ms <= start.elapsed_time(end) * 1.05
     trainer.schedule.settle()
     rate_steps = trainer.schedule.scheduler.last_epoch
     weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
     with torch.no_grad():
         trainer.model.output.weight[0, 0] = float("nan")
     next(steps)
-    assert trainer.schedule.settle() is False and trainer.schedule.scheduler.last_epoch == rate_steps
+    assert trainer.schedule.settle() == [False] and trainer.schedule.scheduler.last_epoch == rate_steps
     for name, value in trainer.model.state_dict().items():
         if name != "output.weight":
             assert torch.equal(value, weights[name]), name
@@ -205,16 +215,24 @@ def test_every_cuda_graph_replay_draws_new_dropout_masks():
     rate of 1e-30 the weights stay put, so the same batch gives the same loss twice only if the masks repeat."""
     trainer, batches = graph_trainer(True, "bf16", dropout=0.5, lr=1e-30, ema_decay=0)
     losses = [float(loss) / int(tokens) for _, loss, tokens, _, _ in
-              train.training_steps(trainer, batches[:1] * (train.GRAPH_WARMUP_STEPS + 4))]
+              train.training_steps(trainer, batches[:1] * (step.GRAPH_WARMUP_STEPS + 4))]
     assert trainer.step.graph is not None and all(map(math.isfinite, losses))
     assert len(set(losses)) == len(losses)
 
 
 def test_no_cuda_graph_step_waits_for_the_gpu():
+    """Sync-debug mode reports what reads the GPU's results, not cudaEventSynchronize: so also keep the GPU busy
+    (a sleep kernel) and check that two graph steps are queued behind it before it has finished."""
     trainer, batches = graph_trainer(True, "bf16")
     steps = train.training_steps(trainer, itertools.cycle(batches))
-    for _ in range(train.GRAPH_WARMUP_STEPS + 2):
+    for _ in range(step.GRAPH_WARMUP_STEPS + 2):
         next(steps)
+    assert trainer.step.status == "captured"
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time
+    next(steps)
+    next(steps)
+    assert not torch.cuda.current_stream().query()  # the host did not wait for either step
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -238,10 +256,10 @@ def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
     real_steps, taken = train.training_steps, []
 
     def steps(trainer, batches):
-        assert isinstance(trainer.step, train.GraphedStep)
+        assert isinstance(trainer.step, step.GraphedStep)
         for item in real_steps(trainer, batches):
             taken.append(1)
-            if len(taken) == straight[0]["step"] + train.GRAPH_WARMUP_STEPS + 2:
+            if len(taken) == straight[0]["step"] + step.GRAPH_WARMUP_STEPS + 2:
                 raise Crash
             yield item
 
@@ -249,7 +267,16 @@ def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(Crash):
         train.main(tiny_args(tmp_path / "resumed", *args))
     monkeypatch.undo()
+    real_step_class, captured = step.GraphedStep, []
+
+    class RecordedGraphedStep(real_step_class):
+        def __init__(self, trainer):
+            super().__init__(trainer)
+            captured.append(self)
+
+    monkeypatch.setattr(train, "GraphedStep", RecordedGraphedStep)
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
+    assert [graphed.status for graphed in captured] == ["captured"]
     resumed = read_metrics(tmp_path / "resumed")
     assert [line["step"] for line in straight] == [line["step"] for line in resumed]
     for a, b in zip(straight, resumed):
@@ -258,15 +285,17 @@ def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_a_failed_capture_leaves_the_run_training_eagerly(monkeypatch, capsys):
-    real_update = train.apply_update
+    real_update = step.apply_update
 
     def update_that_cannot_be_captured(*args):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("operation not permitted when stream is capturing")
         return real_update(*args)
 
-    monkeypatch.setattr(train, "apply_update", update_that_cannot_be_captured)
+    monkeypatch.setattr(step, "apply_update", update_that_cannot_be_captured)
     trainer, batches = graph_trainer(True, "bf16")
     losses = [float(loss) / int(tokens) for _, loss, tokens, _, _ in train.training_steps(trainer, batches * 2)]
-    assert trainer.step.failed and trainer.step.graph is None and all(map(math.isfinite, losses))
-    assert losses[-1] < losses[0] and "training goes on without" in capsys.readouterr().out
+    assert trainer.step.status.startswith("failed: operation not permitted") and trainer.step.graph is None
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    captured = capsys.readouterr()
+    assert "training goes on without" in captured.err and not captured.out  # stdout stays bench.py's JSON

@@ -5,8 +5,10 @@ from collections import Counter
 import pytest
 import torch
 
+import batching
 import dataset
 from config import Config
+from errors import RunError
 from conftest import FIXTURE
 
 
@@ -16,27 +18,27 @@ def write(path, text):
 
 
 def test_collate_keeps_every_token_and_eos_of_the_longest_sentence():
-    data = dataset.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14]], [[20], [21, 22], [23, 24, 25, 26, 27]],
+    data = batching.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14]], [[20], [21, 22], [23, 24, 25, 26, 27]],
                                       sos_id=2, eos_id=3)
-    batch = dataset.collate([data[i] for i in range(3)], pad_id=0)
+    batch = batching.collate([data[i] for i in range(3)], pad_id=0)
     assert batch["src"].tolist()[1] == [7, 8, 9, 10, 11, 12, 13, 3]
     assert batch["labels"].tolist()[2] == [23, 24, 25, 26, 27, 3]
     assert batch["tgt_in"].tolist()[2] == [2, 23, 24, 25, 26, 27]
     assert batch["src"].shape == (3, 8) and batch["labels"].shape == (3, 6)  # padded to its own longest, no more
-    assert dataset.collate([data[0]], pad_id=0, pad_multiple=8)["src"].shape == (1, 8)
+    assert batching.collate([data[0]], pad_id=0, pad_multiple=8)["src"].shape == (1, 8)
 
 
-@pytest.mark.parametrize("batching, pack_length", [("bucketed", 0), ("packed", 64)])
-def test_every_token_of_the_fixture_reaches_a_batch(batching, pack_length):
+@pytest.mark.parametrize("mode, pack_length", [("bucketed", 0), ("packed", 64)])
+def test_every_token_of_the_fixture_reaches_a_batch(mode, pack_length):
     cfg = Config(data_files=[FIXTURE])
     pairs, _ = dataset.load_pairs(cfg)
     src_tok, tgt_tok = dataset.train_tokenizers(pairs, cfg)
     ids = dataset.special_ids(tgt_tok)
     src_ids, tgt_ids = dataset.encode(src_tok, [s for s, _ in pairs]), dataset.encode(tgt_tok, [t for _, t in pairs])
-    data = dataset.TranslationDataset(src_ids, tgt_ids, ids["sos"], ids["eos"])
-    sampler = dataset.BatchSampler(data.lengths(), batch_size=32, max_tokens=700, batching=batching, seed=3)
+    data = batching.TranslationDataset(src_ids, tgt_ids, ids["sos"], ids["eos"])
+    sampler = batching.BatchSampler(data.lengths(), batch_size=32, max_tokens=700, batching=mode, seed=3)
     for indices in sampler:
-        batch = dataset.collate([data[i] for i in indices], ids["pad"], pad_multiple=8, pack_length=pack_length)
+        batch = batching.collate([data[i] for i in indices], ids["pad"], pad_multiple=8, pack_length=pack_length)
         sentences = []  # (source, labels) of every sentence in the batch, as the model receives them
         for row in range(batch["src"].size(0)):
             if pack_length:
@@ -77,12 +79,12 @@ def test_tsv_files_hold_source_tab_target(tmp_path):
     ("empty.jsonl", '{"translation": {"en": "", "fr": ""}}\n', "no usable en-fr pairs"),
 ])
 def test_bad_files_fail_with_file_and_line(tmp_path, name, text, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(RunError, match=message):
         dataset.read_pairs([write(tmp_path / name, text)], "en", "fr")
 
 
 def test_missing_file_is_named():
-    with pytest.raises(SystemExit, match="data file not found: nowhere.jsonl"):
+    with pytest.raises(RunError, match="data file not found: nowhere.jsonl"):
         dataset.read_pairs(["nowhere.jsonl"], "en", "fr")
 
 
@@ -143,9 +145,9 @@ def lengths(n=500, seed=0):
     return list(zip(sources.tolist(), targets.tolist()))
 
 
-@pytest.mark.parametrize("batching", dataset.BATCHINGS)
-def test_sampler_covers_every_example_once_per_epoch(batching):
-    sampler = dataset.BatchSampler(lengths(), batch_size=16, max_tokens=1000, batching=batching, seed=0)
+@pytest.mark.parametrize("mode", batching.BATCHINGS)
+def test_sampler_covers_every_example_once_per_epoch(mode):
+    sampler = batching.BatchSampler(lengths(), batch_size=16, max_tokens=1000, batching=mode, seed=0)
     for epoch in range(3):
         sampler.set_epoch(epoch)
         seen = Counter(i for batch in sampler for i in batch)
@@ -154,20 +156,20 @@ def test_sampler_covers_every_example_once_per_epoch(batching):
 
 def test_sampler_respects_the_token_budget_and_varies_by_epoch():
     lens = lengths()
-    sampler = dataset.BatchSampler(lens, batch_size=16, max_tokens=1000, batching="bucketed", seed=0)
+    sampler = batching.BatchSampler(lens, batch_size=16, max_tokens=1000, batching="bucketed", seed=0)
     for batch in sampler:
         src, tgt = max(lens[i][0] for i in batch), max(lens[i][1] for i in batch)
         assert len(batch) * (src + tgt) <= 1000 or len(batch) == 1
     first = sampler.batches()
     sampler.set_epoch(1)
     assert sampler.batches() != first
-    packed = dataset.BatchSampler(lens, batch_size=16, max_tokens=1000, batching="packed", seed=0)
+    packed = batching.BatchSampler(lens, batch_size=16, max_tokens=1000, batching="packed", seed=0)
     assert all(sum(sum(lens[i]) for i in batch) <= 1000 or len(batch) == 1 for batch in packed)
 
 
 def test_sampler_is_deterministic_and_resumes_mid_epoch():
-    a = dataset.BatchSampler(lengths(), batch_size=16, seed=5)
-    b = dataset.BatchSampler(lengths(), batch_size=16, seed=5)
+    a = batching.BatchSampler(lengths(), batch_size=16, seed=5)
+    b = batching.BatchSampler(lengths(), batch_size=16, seed=5)
     a.set_epoch(2)
     b.set_epoch(2, start_batch=7)
     assert list(a)[7:] == list(b) and len(b) == len(a) - 7
@@ -176,12 +178,12 @@ def test_sampler_is_deterministic_and_resumes_mid_epoch():
 def test_bucketing_and_packing_cut_padding():
     lens = lengths(2000)
 
-    def pad_fraction(batching):
-        sampler = dataset.BatchSampler(lens, batch_size=32, batching=batching, seed=0)
+    def pad_fraction(mode):
+        sampler = batching.BatchSampler(lens, batch_size=32, batching=mode, seed=0)
         real = padded = 0
         for batch in sampler:
-            rows, src_len, tgt_len = dataset.batch_layout([lens[i] for i in batch],
-                                                          pack_length=128 if batching == "packed" else 0)
+            rows, src_len, tgt_len = batching.batch_layout([lens[i] for i in batch],
+                                                          pack_length=128 if mode == "packed" else 0)
             real += sum(lens[i][0] + lens[i][1] for i in batch)
             padded += len(rows) * (src_len + tgt_len)
         return 1 - real / padded
@@ -190,24 +192,24 @@ def test_bucketing_and_packing_cut_padding():
 
 
 def test_packed_batches_hold_the_same_sentences_as_random_batches():
-    random_batches = dataset.BatchSampler(lengths(), batch_size=32, batching="random", seed=4)
-    packed = dataset.BatchSampler(lengths(), batch_size=32, batching="packed", seed=4)
+    random_batches = batching.BatchSampler(lengths(), batch_size=32, batching="random", seed=4)
+    packed = batching.BatchSampler(lengths(), batch_size=32, batching="packed", seed=4)
     assert packed.batches() == random_batches.batches()
 
 
 def test_pack_rows_places_every_example_once_in_balanced_rows():
     lens = lengths(300, seed=2)
-    rows = dataset.pack_rows(lens, pack_length=200)
+    rows = batching.pack_rows(lens, pack_length=200)
     assert sorted(i for row in rows for i in row) == list(range(300)) and all(rows)
     assert len(rows) == -(-max(sum(s for s, _ in lens), sum(t for _, t in lens)) // 200)
     loads = [sum(lens[i][0] for i in row) for row in rows]
     assert max(loads) - min(loads) < 60  # no row much longer than the others: that would be padding
-    assert dataset.pack_rows([(5, 5), (300, 280)], pack_length=100) == [[1], [0]]  # long sentences are never cut
+    assert batching.pack_rows([(5, 5), (300, 280)], pack_length=100) == [[1], [0]]  # long sentences are never cut
 
 
 def fixed_sampler(lens, max_tokens=4096, seed=0):
-    shape = dataset.fixed_shape(lens, max_tokens, pack_length=64, multiple=8)
-    return dataset.BatchSampler(lens, batch_size=32, max_tokens=max_tokens, batching="packed", seed=seed,
+    shape = batching.fixed_shape(lens, max_tokens, pack_length=64, multiple=8)
+    return batching.BatchSampler(lens, batch_size=32, max_tokens=max_tokens, batching="packed", seed=seed,
                                 shape=shape), shape
 
 
@@ -219,7 +221,7 @@ def test_fixed_shape_batches_all_have_one_shape_and_every_example_once():
         sampler.set_epoch(epoch)
         seen, real = Counter(), 0
         for batch in sampler:
-            rows, src_width, tgt_width = dataset.batch_layout([lens[i] for i in batch], shape=shape)
+            rows, src_width, tgt_width = batching.batch_layout([lens[i] for i in batch], shape=shape)
             assert (len(rows), src_width, tgt_width) == shape
             for row in rows:  # every row fits, on both sides
                 assert sum(lens[batch[i]][0] for i in row) <= src_width
@@ -240,14 +242,14 @@ def test_next_fit_remakes_the_rows_first_fit_made():
     random.Random(1).shuffle(order)
     for rows in sampler._first_fit(order):
         batch = [i for row in rows for i in row]
-        remade, _, _ = dataset.batch_layout([lens[i] for i in batch], shape=shape)
+        remade, _, _ = batching.batch_layout([lens[i] for i in batch], shape=shape)
         assert [[batch[i] for i in row] for row in remade if row] == rows
 
 
 def test_fixed_shape_collate_fills_the_whole_shape():
-    data = dataset.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14]], [[20], [21, 22], [23, 24, 25]],
+    data = batching.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14]], [[20], [21, 22], [23, 24, 25]],
                                       sos_id=2, eos_id=3)
-    batch = dataset.collate([data[i] for i in range(3)], pad_id=0, shape=(4, 8, 8))
+    batch = batching.collate([data[i] for i in range(3)], pad_id=0, shape=(4, 8, 8))
     assert all(tensor.shape == (4, 8) for tensor in batch.values())
     assert batch["src_segments"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1],
                                               [1, 1, 0, 0, 0, 0, 0, 0], [0] * 8]  # next-fit rows, then an empty one
@@ -255,10 +257,10 @@ def test_fixed_shape_collate_fills_the_whole_shape():
 
 
 def test_packed_collate_keeps_every_token_and_numbers_sentences():
-    data = dataset.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14], [15, 16, 17]],
+    data = batching.TranslationDataset([[5, 6], [7, 8, 9, 10, 11, 12, 13], [14], [15, 16, 17]],
                                       [[20], [21, 22], [23, 24, 25, 26, 27], [28, 29]], sos_id=2, eos_id=3)
     examples = [data[i] for i in range(4)]
-    batch = dataset.collate(examples, pad_id=0, pack_length=10)
+    batch = batching.collate(examples, pad_id=0, pack_length=10)
     assert batch["src"].shape == (2, 11) and batch["labels"].shape == (2, 9)  # 17 and 14 tokens in two rows
     found = {}
     for row in range(batch["src"].size(0)):
@@ -279,10 +281,10 @@ def test_packed_collate_keeps_every_token_and_numbers_sentences():
 def test_sharded_sampler_is_disjoint_complete_and_balanced(world_size):
     shards = []
     for rank in range(world_size):
-        sampler = dataset.BatchSampler(lengths(101), batch_size=16, max_tokens=900, seed=1, rank=rank,
+        sampler = batching.BatchSampler(lengths(101), batch_size=16, max_tokens=900, seed=1, rank=rank,
                                        world_size=world_size)
         shards.append([i for batch in sampler for i in batch])
-        assert len(sampler) == len(dataset.BatchSampler(lengths(101), batch_size=16, max_tokens=900, seed=1,
+        assert len(sampler) == len(batching.BatchSampler(lengths(101), batch_size=16, max_tokens=900, seed=1,
                                                         rank=0, world_size=world_size))
     everything = [i for shard in shards for i in shard]
     assert sorted(everything) == list(range(101))
@@ -309,13 +311,13 @@ def test_a_file_passed_twice_keeps_validation_out_of_training():
 
 def test_a_deeply_nested_json_line_is_one_line_of_error(tmp_path):
     path = write(tmp_path / "deep.jsonl", '{"translation": {"en": "Hi.", "fr": "Salut."}}\n' + "[" * 200_000 + "\n")
-    with pytest.raises(SystemExit, match="deep.jsonl:2: malformed JSON"):
+    with pytest.raises(RunError, match="deep.jsonl:2: malformed JSON"):
         dataset.read_pairs([path], "en", "fr")
 
 
 def loop_collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0):
     """The sentence-by-sentence collate that the vectorised one replaced: the reference it must equal."""
-    rows, src_len, tgt_len = dataset.batch_layout([(len(s), len(t)) for s, _, t in examples], pad_multiple,
+    rows, src_len, tgt_len = batching.batch_layout([(len(s), len(t)) for s, _, t in examples], pad_multiple,
                                                   fixed_lengths, pack_length)
 
     def pad(side, length, segments=False):
@@ -345,7 +347,27 @@ def test_vectorised_collate_equals_the_sentence_by_sentence_one(options):
             target = torch.randint(4, 100, (target_length,), generator=generator)
             examples.append((torch.randint(4, 100, (source_length,), generator=generator),
                              torch.cat([torch.tensor([2]), target[:-1]]), target))
-        expected, batch = loop_collate(examples, 0, **options), dataset.collate(examples, 0, **options)
+        expected, batch = loop_collate(examples, 0, **options), batching.collate(examples, 0, **options)
+        assert batch.keys() == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(batch[key], value), (trial, key)
+
+
+@pytest.mark.parametrize("options", [{}, {"pad_multiple": 8}, {"pack_length": 64, "pad_multiple": 8},
+                                     {"shape": (6, 72, 80)}])
+def test_batches_gathered_from_the_flat_arrays_equal_collated_examples(options):
+    """What the loader's workers make (collate_indices, from one flat array per side) is what collate makes of the
+    very examples, in any order of indices."""
+    rng = random.Random(0)
+    src_ids = [[rng.randrange(4, 100) for _ in range(rng.randrange(0, 40))] for _ in range(200)]
+    tgt_ids = [[rng.randrange(4, 100) for _ in range(rng.randrange(0, 40))] for _ in range(200)]
+    data = batching.TranslationDataset(src_ids, tgt_ids, 2, 3)
+    assert [tuple(t.tolist()) for t in data[7]] == [tuple(src_ids[7] + [3]), tuple([2] + tgt_ids[7]),
+                                                  tuple(tgt_ids[7] + [3])]
+    for trial in range(20):
+        indices = rng.sample(range(200), rng.randrange(1, 12))
+        expected = batching.collate([data[i] for i in indices], 0, **options)
+        batch = batching.collate_indices(data, indices, 0, **options)
         assert batch.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(batch[key], value), (trial, key)

@@ -8,9 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-import dataset
+import batching
+import step
 import train
 from conftest import EOS, ROOT, SOS, PAD, cpu_config, make_model, tiny_args
+from runtime import Precision
 
 CFG = cpu_config(dropout=0.0)
 STEPS = 4
@@ -18,7 +20,7 @@ STEPS = 4
 
 def examples(n, seed):
     generator = torch.Generator().manual_seed(seed)
-    data = dataset.TranslationDataset(
+    data = batching.TranslationDataset(
         [torch.randint(4, 40, (int(torch.randint(1, 9, (), generator=generator)),), generator=generator).tolist()
          for _ in range(n)],
         [torch.randint(4, 40, (int(torch.randint(1, 9, (), generator=generator)),), generator=generator).tolist()
@@ -26,28 +28,28 @@ def examples(n, seed):
     return [data[i] for i in range(n)]
 
 
-def rank_batches(step):
+def rank_batches(step_number):
     """Per step, rank 0 and rank 1 get different numbers of sentences and tokens."""
-    return examples(3, seed=2 * step), examples(5, seed=2 * step + 1)
+    return examples(3, seed=2 * step_number), examples(5, seed=2 * step_number + 1)
 
 
 def train_steps(model, batches_for_step, world_size):
     # SGD, not Adam: Adam turns the float noise of mathematically-zero gradients (attention key biases)
     # into lr-sized steps, which would hide what this test checks: DDP gradients equal one big batch's.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     step_model = DistributedDataParallel(model) if world_size > 1 else model
-    for step in range(STEPS):
-        batch = dataset.collate(batches_for_step(step), PAD)
-        train.train_step(step_model, [batch], optimizer, train.Schedule(scheduler), scaler,
-                         (torch.device("cpu"), None), CFG, PAD, world_size)
+    for step_number in range(STEPS):
+        batch = batching.collate(batches_for_step(step_number), PAD)
+        step.train_step(step_model, [batch], optimizer, step.Schedule(scheduler), scaler,
+                         Precision(torch.device("cpu")), CFG, PAD, world_size)
 
 
 def ddp_worker(rank, world_size, port, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     model = make_model(seed=rank).train()  # different seeds: DDP must broadcast rank 0's weights
-    train_steps(model, lambda step: rank_batches(step)[rank], world_size)
+    train_steps(model, lambda number: rank_batches(number)[rank], world_size)
     if rank == 0:
         torch.save(model.state_dict(), out_path)
     dist.destroy_process_group()
@@ -63,7 +65,7 @@ def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):
     out_path = str(tmp_path / "ddp.pt")
     mp.spawn(ddp_worker, args=(2, free_port(), out_path), nprocs=2, join=True)
     single = make_model(seed=0).train()
-    train_steps(single, lambda step: [*rank_batches(step)[0], *rank_batches(step)[1]], world_size=1)
+    train_steps(single, lambda number: [*rank_batches(number)[0], *rank_batches(number)[1]], world_size=1)
     ddp_state = torch.load(out_path)
     untrained = make_model(seed=0).state_dict()
     moved = max(float((value - untrained[name]).abs().max()) for name, value in single.state_dict().items())

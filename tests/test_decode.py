@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-import train
+import step
 from conftest import EOS, PAD, SOS, make_model, random_batch, run_script
+from runtime import Precision
 from model import beam_search, greedy_search, length_normalized, output_limits, select_rows, translate
 
 
@@ -147,10 +148,10 @@ def test_bf16_greedy_decoding_agrees_with_fp32():
                                                                                     vocab=30, seed=1)
     tgt_in = torch.cat([torch.full((16, 1), SOS), tgt[:, :-1]], 1).masked_fill(tgt == PAD, PAD)
     model = make_model(vocab=30, d_model=64).train()
-    optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 200)
+    optimizer, scheduler = step.make_optimizer(cfg, model, torch.device("cpu"), 200)
     for _ in range(200):
-        train.train_step(model, [{"src": src, "tgt_in": tgt_in, "labels": tgt}], optimizer, train.Schedule(scheduler),
-                         torch.amp.GradScaler("cpu", enabled=False), (torch.device("cpu"), None), cfg, PAD)
+        step.train_step(model, [{"src": src, "tgt_in": tgt_in, "labels": tgt}], optimizer, step.Schedule(scheduler),
+                         torch.amp.GradScaler("cpu", enabled=False), Precision(torch.device("cpu")), cfg, PAD)
     fp32 = greedy_search(model.eval(), src, SOS, EOS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = greedy_search(model, src, SOS, EOS)

@@ -9,6 +9,7 @@ import torch
 
 import checkpoint
 import dataset
+import step
 import train
 from conftest import FIXTURE, ROOT, run_script, tiny_args
 from test_train import read_metrics
@@ -175,12 +176,12 @@ def test_best_pt_is_made_good_when_a_stop_came_before_its_copy(tmp_path, monkeyp
     monkeypatch.undo()
     assert not (tmp_path / "best.pt").exists()
     epoch_1 = torch.load(tmp_path / "last.pt", weights_only=True)["step"]
-    real_step = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: stopped())  # and killed again at once
+    real_step = step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *args, **kwargs: stopped())  # and killed again at once
     with pytest.raises(Stop):
         train.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "auto"))
     assert checkpoint.saved_step(str(tmp_path / "best.pt")) == epoch_1
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(step, "train_step", real_step)
     train.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "auto"))
     assert checkpoint.saved_step(str(tmp_path / "best.pt")) in {line["step"] for line in read_metrics(tmp_path)}
 
@@ -205,7 +206,7 @@ def test_resume_naming_a_directory_says_so(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(tokenizers=["{broken", c["tokenizers"][1]]), "its tokenizers are not the JSON"),
     (lambda c: c["config"].pop("tokenizer"), "its config lacks tokenizer"),
-    (lambda c: c["config"].update(n_heads=3), "its config is not valid (n_heads must divide d_model"),
+    (lambda c: c["config"].update(n_heads=3), "its config is not valid (--n_heads must divide --d_model"),
     (lambda c: c["config"].update(d_model=64), "its weights do not match the model its config describes"),
 ])
 def test_a_hand_edited_checkpoint_is_one_line(checkpoint, tmp_path, edit, message):

@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dataset
+import batching
+import step
 from conftest import PAD, SOS, make_model, random_batch
+from runtime import Precision
 from model import layer_layout, positions_in_segment
 
 
@@ -56,8 +58,8 @@ def test_packed_rows_give_every_sentence_its_unpacked_logits_and_gradients(tie):
         F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=PAD, reduction="sum").backward()
         return logits, {name: p.grad.clone() for name, p in model.named_parameters()}
 
-    padded = dataset.collate(examples, PAD)
-    packed = dataset.collate(examples, PAD, pack_length=12)
+    padded = batching.collate(examples, PAD)
+    packed = batching.collate(examples, PAD, pack_length=12)
     assert packed["src"].size(0) < len(examples)  # sentences really share rows
     padded_logits, padded_grads = run(padded)
     packed_logits, packed_grads = run(packed)
@@ -121,7 +123,6 @@ def test_tying_needs_one_vocabulary():
 
 
 def test_a_tiny_model_memorises_sixteen_pairs():
-    import train
     from config import Config
     cfg = Config(lr=3e-3, label_smoothing=0.0, dropout=0.0, grad_clip=1.0)
     torch.manual_seed(0)
@@ -131,11 +132,11 @@ def test_a_tiny_model_memorises_sixteen_pairs():
     batch = {"src": src, "tgt_in": tgt_in, "labels": tgt}
     model = make_model(vocab=30, d_model=64).train()
     steps = 300
-    optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), steps)
+    optimizer, scheduler = step.make_optimizer(cfg, model, torch.device("cpu"), steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for _ in range(steps):
-        loss_sum, n_tokens, _, _ = train.train_step(model, [batch], optimizer, train.Schedule(scheduler), scaler,
-                                                    (torch.device("cpu"), None), cfg, PAD)
+        loss_sum, n_tokens, _, _ = step.train_step(model, [batch], optimizer, step.Schedule(scheduler), scaler,
+                                                    Precision(torch.device("cpu")), cfg, PAD)
     assert float(loss_sum) / int(n_tokens) < 0.3
 
 

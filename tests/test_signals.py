@@ -19,8 +19,8 @@ from conftest import ROOT, tiny_args
 DRIVER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import dataset, runtime, train
-real_step, real_evaluate, real_collate = train.train_step, train.evaluate, dataset.collate
+import batching, runtime, step, train
+real_step, real_evaluate, real_collate = step.train_step, train.evaluate, batching.collate
 real_start = runtime.leave_stopping_to_the_main_process
 
 def start(worker_id):
@@ -28,7 +28,7 @@ def start(worker_id):
     time.sleep(0.3)
     real_start(worker_id)
 
-def step(*args, **kwargs):
+def slow_step(*args, **kwargs):
     result = real_step(*args, **kwargs)
     print("STEP", flush=True)
     time.sleep(0.05)
@@ -42,7 +42,7 @@ def collate(*args, **kwargs):
     time.sleep(0.02)
     return real_collate(*args, **kwargs)
 
-train.train_step, train.evaluate, dataset.collate = step, evaluate, collate
+step.train_step, train.evaluate, batching.collate = slow_step, evaluate, collate
 runtime.leave_stopping_to_the_main_process = start
 train.main(sys.argv[1:])
 """

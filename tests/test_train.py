@@ -6,10 +6,13 @@ import signal
 import pytest
 import torch
 
-import dataset
+import batching
+import budget
 import runtime
+import step
 import train
 from config import Config
+from runtime import Precision
 from conftest import PAD, SOS, cpu_config, make_model, random_batch, run_script, tiny_args
 
 
@@ -47,29 +50,29 @@ def test_end_to_end_train_then_translate(tmp_path):
 def test_gradscaler_skip_does_not_step_the_scheduler():
     cfg = cpu_config()
     model = make_model().train()
-    optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
-    schedule = train.Schedule(scheduler)
+    optimizer, scheduler = step.make_optimizer(cfg, model, torch.device("cpu"), 10)
+    schedule = step.Schedule(scheduler)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    precision = (torch.device("cpu"), None)
+    precision = Precision(torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     hook = model.output.weight.register_hook(lambda grad: grad * float("inf"))
-    _, _, verdicts, _ = train.train_step(model, [one_batch()], optimizer, schedule, scaler, precision, cfg, PAD)
+    _, _, verdicts, _ = step.train_step(model, [one_batch()], optimizer, schedule, scaler, precision, cfg, PAD)
     assert verdicts == [] and scaler.get_scale() == 512.0  # the fp16 verdict is read one step later
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     hook.remove()
-    _, _, verdicts, _ = train.train_step(model, [one_batch()], optimizer, schedule, scaler, precision, cfg, PAD)
-    assert verdicts == [False] and scheduler.last_epoch == 0
-    assert schedule.settle() is True and scheduler.last_epoch == 1
+    _, _, verdicts, _ = step.train_step(model, [one_batch()], optimizer, schedule, scaler, precision, cfg, PAD)
+    assert verdicts == [False] and scheduler.last_epoch == 1  # the second update's advance: not known to be bad
+    assert schedule.settle() == [True] and scheduler.last_epoch == 1
 
 
 def test_bf16_autocast_trains_on_cpu():
     cfg = cpu_config(amp="bf16")
     model = make_model().train()
-    optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
-    precision = (torch.device("cpu"), runtime.amp_dtype(cfg.amp, torch.device("cpu")))
-    assert precision[1] == torch.bfloat16
+    optimizer, scheduler = step.make_optimizer(cfg, model, torch.device("cpu"), 10)
+    precision = runtime.Precision(torch.device("cpu"), runtime.amp_dtype(cfg.amp, torch.device("cpu")))
+    assert precision.dtype == torch.bfloat16
     before = model.output.weight.detach().clone()
-    loss, tokens, verdicts, _ = train.train_step(model, [one_batch()], optimizer, train.Schedule(scheduler),
+    loss, tokens, verdicts, _ = step.train_step(model, [one_batch()], optimizer, step.Schedule(scheduler),
                                                  torch.amp.GradScaler("cpu", enabled=False), precision, cfg, PAD)
     assert verdicts == [True] and torch.isfinite(loss) and loss.dtype == torch.float32
     assert not torch.equal(before, model.output.weight)
@@ -92,9 +95,9 @@ class Crash(Exception):
 
 def crash_at(monkeypatch, at_step, how):
     """Make train_step crash (like kill -9) or send SIGTERM to this process at a given step."""
-    real_step, calls = train.train_step, []
+    real_step, calls = step.train_step, []
 
-    def step(*args, **kwargs):
+    def patched_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == at_step and how == "kill":
             raise Crash
@@ -103,7 +106,7 @@ def crash_at(monkeypatch, at_step, how):
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(step, "train_step", patched_step)
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -145,14 +148,14 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, mon
 
 def test_moving_average_of_the_weights_is_what_is_evaluated_and_saved(tmp_path, monkeypatch):
     decay, trained = 0.8, []
-    real_step = train.train_step
+    real_step = step.train_step
 
-    def step(model, *args, **kwargs):
+    def patched_step(model, *args, **kwargs):
         result = real_step(model, *args, **kwargs)
         trained.append({name: p.detach().clone() for name, p in model.state_dict().items()})
         return result
 
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(step, "train_step", patched_step)
     train.main(tiny_args(tmp_path, "--epochs", "1", "--ema_decay", str(decay)))
     expected = dict(trained[0])
     for n, weights in enumerate(trained[1:], 1):
@@ -201,12 +204,13 @@ def test_best_pt_holds_the_evaluation_with_the_highest_bleu(tmp_path, monkeypatc
     train.main(tiny_args(tmp_path, "--epochs", "3"))
     steps = [line["step"] for line in read_metrics(tmp_path)]
     assert len(set(steps)) == 3 and torch.load(tmp_path / "best.pt", weights_only=True)["step"] == steps[chosen]
-    assert capsys.readouterr().out.strip().splitlines()[-1].endswith(f"(step {steps[chosen]}, " + ", ".join(
-        f"{name} {scores[chosen][name]:.4g}" for name in ("bleu", "val_loss") if name in scores[chosen]) + ")")
+    done = capsys.readouterr().out.strip().splitlines()[-1]  # names the checkpoint to translate with, and best.pt
+    assert done.startswith(f"done: translate with {tmp_path / 'last.pt'} (step {steps[-1]}")
+    assert done.endswith(f"{tmp_path / 'best.pt'} holds the best evaluation, step {steps[chosen]}")
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_best(tmp_path, monkeypatch):
-    real_loss, evaluated = train.compute_loss, []
+    real_loss, evaluated = step.compute_loss, []
 
     def loss(*args, **kwargs):  # training losses turn NaN once the first epoch has been evaluated
         value = real_loss(*args, **kwargs)
@@ -218,7 +222,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_best(tmp_path, monkeypatch):
         evaluated.append(1)
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "compute_loss", loss)
+    monkeypatch.setattr(step, "compute_loss", loss)
     monkeypatch.setattr(train, "evaluate", evaluate)
     with pytest.raises(SystemExit, match=r"not finite for 3 consecutive steps \(last at step \d+\); lower --lr") as stop:
         train.main(tiny_args(tmp_path, "--epochs", "2"))
@@ -233,7 +237,7 @@ def test_bad_input_exits_with_one_line_and_no_traceback(tmp_path):
     broken.write_text('{"translation": {"en": "Hi.", "fr": "Salut."}}\n' * 5 + "{not json\n")
     for args, message in [(["--data_files", str(broken)], "broken.jsonl:6: malformed JSON"),
                           (["--data_files", str(tmp_path / "missing.jsonl")], "data file not found"),
-                          (["--n_heads", "3"], "n_heads must divide d_model")]:
+                          (["--n_heads", "3"], "--n_heads must divide --d_model")]:
         result = run_script("train.py", *tiny_args(tmp_path / "run"), *args)
         assert result.returncode != 0 and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -261,14 +265,14 @@ def test_compile_survives_changing_batch_shapes(pack_length):
     cfg = cpu_config()
     model = make_model().train()
     compiled = torch.compile(model, backend="aot_eager")  # the inductor backend needs minutes of C++ builds
-    optimizer, scheduler = train.make_optimizer(cfg, model, torch.device("cpu"), 10)
+    optimizer, scheduler = step.make_optimizer(cfg, model, torch.device("cpu"), 10)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for seed, lengths in enumerate([[5, 3, 7], [9, 4], [2, 6, 3, 8], [4, 4, 4, 4, 4], [11, 2]]):
         src, tgt = random_batch(lengths, seed=seed), random_batch(lengths[::-1], seed=seed + 9)
         examples = [(s[s != PAD], t[t != PAD], t[t != PAD]) for s, t in zip(src, tgt)]
-        batch = dataset.collate(examples, PAD, pack_length=pack_length)
-        _, _, verdicts, _ = train.train_step(compiled, [batch], optimizer, train.Schedule(scheduler), scaler,
-                                             (torch.device("cpu"), None), cfg, PAD)
+        batch = batching.collate(examples, PAD, pack_length=pack_length)
+        _, _, verdicts, _ = step.train_step(compiled, [batch], optimizer, step.Schedule(scheduler), scaler,
+                                             Precision(torch.device("cpu")), cfg, PAD)
         assert verdicts == [True]
     # the second shape makes dynamo mark the sizes dynamic; later shapes reuse that graph
     assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 2
@@ -306,16 +310,16 @@ def test_resume_may_change_precision_and_optimizer_kernels(tmp_path, monkeypatch
 
 
 def test_fp16_stops_on_a_lasting_overflow(tmp_path, monkeypatch):
-    real_loss = train.compute_loss
-    monkeypatch.setattr(train, "compute_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("inf"))
+    real_loss = step.compute_loss
+    monkeypatch.setattr(step, "compute_loss", lambda *args, **kwargs: real_loss(*args, **kwargs) * float("inf"))
     with pytest.raises(SystemExit, match=r"not finite for 27 consecutive steps \(last at step 28\)"):
         train.main(tiny_args(tmp_path, "--epochs", "6", "--amp", "fp16"))  # 3 + 24 halvings of the loss scale
 
 
-def sgd_step(model, batches, precision=(torch.device("cpu"), None)):
+def sgd_step(model, batches, precision=Precision(torch.device("cpu"))):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    schedule = train.Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-    train.train_step(model, batches, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), precision,
+    schedule = step.Schedule(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    step.train_step(model, batches, optimizer, schedule, torch.amp.GradScaler("cpu", enabled=False), precision,
                      cpu_config(dropout=0.0), PAD)
     return model.state_dict()
 
@@ -323,9 +327,9 @@ def sgd_step(model, batches, precision=(torch.device("cpu"), None)):
 def test_gradient_accumulation_equals_one_batch_as_large():
     examples = [(s[s != PAD], t[t != PAD], t[t != PAD]) for s, t in zip(random_batch([5, 3, 7, 2, 9, 4], seed=5),
                                                                         random_batch([4, 6, 3, 8, 2, 5], seed=6))]
-    big = dataset.collate(examples, PAD)
-    parts = [dataset.collate(examples[:2], PAD), dataset.collate(examples[2:5], PAD, pack_length=10),
-             dataset.collate(examples[5:], PAD)]
+    big = batching.collate(examples, PAD)
+    parts = [batching.collate(examples[:2], PAD), batching.collate(examples[2:5], PAD, pack_length=10),
+             batching.collate(examples[5:], PAD)]
     accumulated, single = sgd_step(make_model().train(), parts), sgd_step(make_model().train(), [big])
     moved = max(float((value - make_model().state_dict()[name]).abs().max()) for name, value in single.items())
     assert moved > 1e-2
@@ -335,7 +339,7 @@ def test_gradient_accumulation_equals_one_batch_as_large():
 
 def test_fused_adamw_step_equals_the_unfused_update():
     cfg = cpu_config()
-    optimizer = train.make_optimizer(cfg, make_model(), torch.device("cpu"), 10)[0]
+    optimizer = step.make_optimizer(cfg, make_model(), torch.device("cpu"), 10)[0]
     assert optimizer.param_groups[0]["fused"]
     generator = torch.Generator().manual_seed(0)
     gradients = [torch.randn(p.shape, generator=generator) for p in make_model().parameters()]
@@ -372,7 +376,7 @@ def test_readme_reference_command_builds_the_reference_recipe():
     reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.AdamW(make_model().parameters()), max_lr=1e-3,
                                                     total_steps=total, pct_start=0.1, anneal_strategy="linear",
                                                     div_factor=10, final_div_factor=10, three_phase=True)
-    ours = train.make_optimizer(cfg, make_model(), torch.device("cpu"), total)[1]
+    ours = step.make_optimizer(cfg, make_model(), torch.device("cpu"), total)[1]
     for _ in range(total):
         assert ours.get_last_lr() == reference.get_last_lr()
         ours.step()
@@ -383,9 +387,9 @@ def fake_clock(monkeypatch, seconds_per_step, seconds_per_evaluation=0.0):
     """train.py's clock advances only when a step or an evaluation runs: seconds_per_step(n) for the n-th step
     of this call. Budget tests then do not depend on how fast or busy the machine is."""
     now, calls = [0.0], []
-    real_step, real_evaluate = train.train_step, train.evaluate
+    real_step, real_evaluate = step.train_step, train.evaluate
 
-    def step(*args, **kwargs):
+    def patched_step(*args, **kwargs):
         calls.append(1)
         now[0] += seconds_per_step(len(calls))
         return real_step(*args, **kwargs)
@@ -395,14 +399,14 @@ def fake_clock(monkeypatch, seconds_per_step, seconds_per_evaluation=0.0):
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train, "clock", lambda: now[0])
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(step, "train_step", patched_step)
     monkeypatch.setattr(train, "evaluate", evaluate)
 
 
 def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
     """Steps take 0.05 s, a 6 s budget holds 120 of them; evaluations take 100 s, which the budget and the
     step timing (steps 2-12, across the end of epoch 1) must both leave out."""
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))  # a tiny model's steps need no long timing
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))  # a tiny model's steps need no long timing
     args = ("--epochs", "1000", "--max_minutes", "0.1")
     fake_clock(monkeypatch, lambda n: 0.05, seconds_per_evaluation=100.0)
     train.main(tiny_args(tmp_path / "budget", *args))
@@ -413,13 +417,13 @@ def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatc
     # steps 1-12 ran at the initial rate while they were timed; OneCycle covers the rest
     assert schedule["last_epoch"] == total - 12 == schedule["total_steps"]
     monkeypatch.undo()
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     fake_clock(monkeypatch, lambda n: 0.05)
     crash_at(monkeypatch, 20, "kill")  # calibrated at step 12, saved at the end of epoch 2
     with pytest.raises(Crash):
         train.main(tiny_args(tmp_path / "resumed", *args))
     monkeypatch.undo()
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     sized = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert sized["calibrated"] and 12 < sized["step"] < 20 and 119 <= sized["total_steps"] <= 120
     fake_clock(monkeypatch, lambda n: 0.05)
@@ -434,16 +438,16 @@ def test_max_minutes_refits_the_schedule_when_steps_change_pace(tmp_path, monkey
     """Timed at 0.01 s a step, the schedule plans for about 300 steps in 3 s; then steps take 5× longer (or 2.5×
     shorter). Each evaluation (every epoch of 8 steps here) fits the remaining steps into the time left, so the
     run ends on time with OneCycle run to its final rate: not cut off early, nor finished with time to spare."""
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     fake_clock(monkeypatch, lambda n: 0.01 if n <= 12 else later_step_seconds)
-    budget = 3.0
-    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget / 60)))
+    budget_seconds = 3.0
+    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget_seconds / 60)))
     checkpoint, lines = torch.load(tmp_path / "last.pt", weights_only=True), read_metrics(tmp_path)
     schedule = checkpoint["scheduler"]
     assert checkpoint["step"] == checkpoint["total_steps"] == lines[-1]["step"] == 12 + schedule["total_steps"]
     assert schedule["last_epoch"] == schedule["total_steps"] and lines[-1]["lr"] == pytest.approx(cpu_config().lr / 100)
     # within 1% of the steps (the noise a refit ignores) of using the whole budget
-    assert budget * 0.99 - later_step_seconds <= checkpoint["train_seconds"] <= budget
+    assert budget_seconds * 0.99 - later_step_seconds <= checkpoint["train_seconds"] <= budget_seconds
     out = capsys.readouterr().out
     assert "schedule refitted to the time left: 30" in out and "time budget spent" not in out
 
@@ -452,13 +456,13 @@ def test_max_minutes_stops_on_time_when_steps_slow_down_after_the_last_refit(tmp
     """Steps of 0.01 s until step 280 of the 300 planned (an evaluation there keeps the plan), then 0.08 s: no
     evaluation comes in time to refit, and the budget runs out at step 283, where the run must stop, evaluate
     and save."""
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     fake_clock(monkeypatch, lambda n: 0.01 if n <= 280 else 0.08)
-    budget = 3.0
-    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget / 60)))
+    budget_seconds = 3.0
+    train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", str(budget_seconds / 60)))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["step"] == checkpoint["total_steps"] == 283 < 12 + checkpoint["scheduler"]["total_steps"]
-    assert budget <= checkpoint["train_seconds"] < budget + 0.08
+    assert budget_seconds <= checkpoint["train_seconds"] < budget_seconds + 0.08
     assert read_metrics(tmp_path)[-1]["step"] == checkpoint["step"]  # the last epoch was evaluated and saved
     assert "time budget spent at step 283 of the 300 planned" in capsys.readouterr().out
 
@@ -476,7 +480,7 @@ def test_max_minutes_sizes_a_short_run_so_it_still_warms_up_and_anneals(tmp_path
 
 def test_max_minutes_sizes_a_run_of_slow_steps_early(tmp_path, monkeypatch):
     """Steps so slow that the usual window would take most of the budget: timing stops after a tenth of it."""
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     fake_clock(monkeypatch, lambda n: 1.0)
     train.main(tiny_args(tmp_path, "--epochs", "1000", "--max_minutes", "0.5"))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -507,12 +511,24 @@ def test_pad_multiple_auto_is_8_on_cuda_and_for_packed_rows_else_1():
     assert runtime.pad_multiple(Config(batching="random", pad_multiple=4), torch.device("cpu")) == 4
 
 
-@pytest.mark.parametrize("bf16, fp32, chosen", [(413e9, 180e9, torch.bfloat16), (166e9, 333e9, None)])
-def test_amp_auto_on_a_cpu_picks_the_precision_its_matrix_products_run_faster_in(monkeypatch, bf16, fp32, chosen):
-    """The two CPUs measured: AVX512-BF16 on an AMD EPYC (bf16 2.3x fp32) and on an Intel Xeon (0.5x)."""
-    measured = {torch.bfloat16: bf16, None: fp32}
-    monkeypatch.setattr(runtime, "peak_flops", lambda device, dtype, size=None: measured[dtype])
-    assert runtime.amp_dtype("auto", torch.device("cpu")) == chosen
+@pytest.mark.parametrize("bf16, fp32, chosen, probed", [
+    ((300e9, 413e9), (150e9, 180e9), torch.bfloat16, {256, 1024}),  # AVX512-BF16 on an AMD EPYC: 2.3x fp32
+    ((150e9, 166e9), (250e9, 333e9), None, {256, 1024}),  # AVX512-BF16 without AMX on an Intel Xeon: 0.5x
+    ((2.5e9, 0.6e9), (20e9, 17e9), None, {256}),  # AVX2 only (an AMD EPYC): 0.04x, told by the small product
+])
+def test_amp_auto_on_a_cpu_picks_the_precision_its_matrix_products_run_faster_in(monkeypatch, bf16, fp32, chosen,
+                                                                                  probed):
+    """By measurement, at the size a run's start-up can afford: the large product only where the small one
+    leaves the question open (a CPU without bf16 units takes seconds for a large bf16 product)."""
+    sizes = {runtime.CPU_SCREEN_SIZE: 0, runtime.CPU_PROBE_SIZE: 1}
+    measured, asked = {torch.bfloat16: bf16, None: fp32}, set()
+
+    def peak_flops(device, dtype, size=None):
+        asked.add(size)
+        return measured[dtype][sizes[size]]
+
+    monkeypatch.setattr(runtime, "peak_flops", peak_flops)
+    assert runtime.amp_dtype("auto", torch.device("cpu")) == chosen and asked == probed
     assert runtime.amp_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # an explicit choice stands
 
 
@@ -527,7 +543,7 @@ def test_fused_adamw_skips_an_update_it_is_told_is_not_finite():
     """What the CUDA step relies on to skip without a host sync: fused AdamW given found_inf = 1 leaves the
     weights, moments and step count as they were, and found_inf = 0 updates as usual."""
     model = make_model()
-    optimizer = train.make_optimizer(cpu_config(), model, torch.device("cpu"), 10)[0]
+    optimizer = step.make_optimizer(cpu_config(), model, torch.device("cpu"), 10)[0]
     for parameter in model.parameters():
         parameter.grad = torch.ones_like(parameter)
     optimizer.step()
@@ -569,11 +585,11 @@ def test_short_epochs_are_evaluated_at_an_interval_and_resume_exactly(tmp_path, 
 def test_epochs_auto_means_ten_or_as_many_as_the_time_budget_allows(tmp_path, monkeypatch):
     fake_clock(monkeypatch, lambda n: 0.05)
     train.main(tiny_args(tmp_path / "epochs"))
-    assert read_metrics(tmp_path / "epochs")[-1]["epoch"] == train.DEFAULT_EPOCHS
-    monkeypatch.setattr(train, "CALIBRATION_STEPS", (2, 12))
+    assert read_metrics(tmp_path / "epochs")[-1]["epoch"] == budget.DEFAULT_EPOCHS
+    monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     train.main(tiny_args(tmp_path / "budget", "--max_minutes", "0.1"))  # 6 s hold 120 steps of 0.05 s
     checkpoint = torch.load(tmp_path / "budget" / "last.pt", weights_only=True)
-    assert checkpoint["epoch"] > train.DEFAULT_EPOCHS and 119 <= checkpoint["step"] == checkpoint["total_steps"] <= 120
+    assert checkpoint["epoch"] > budget.DEFAULT_EPOCHS and 119 <= checkpoint["step"] == checkpoint["total_steps"] <= 120
 
 
 def test_a_resumed_run_keeps_the_batches_and_rate_its_autos_resolved_to(tmp_path, monkeypatch):
@@ -597,12 +613,12 @@ def test_a_resumed_run_keeps_the_batches_and_rate_its_autos_resolved_to(tmp_path
 
 def test_one_loader_serves_every_epoch_of_a_run(tmp_path, monkeypatch):
     """At GPU speed an epoch can take less time than starting loader processes: they start once per run."""
-    real_loader, training_loaders = dataset.make_loader, []
+    real_loader, training_loaders = batching.make_loader, []
 
     def make_loader(*args, **kwargs):
         training_loaders.extend([1] if kwargs.get("batches", args[5] if len(args) > 5 else None) else [])
         return real_loader(*args, **kwargs)
 
-    monkeypatch.setattr(dataset, "make_loader", make_loader)
+    monkeypatch.setattr(batching, "make_loader", make_loader)
     train.main(tiny_args(tmp_path, "--epochs", "3", "--num_workers", "1"))
     assert len(read_metrics(tmp_path)) == 3 and len(training_loaders) == 1

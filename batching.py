@@ -1,0 +1,358 @@
+"""Token ids in, batches out: the examples, dynamic padding and packing (`collate`), the batch sampler (random,
+length-bucketed, packed, or of one fixed shape), and the DataLoader that serves them. Never truncates.
+
+Knows nothing about the model, the files the pairs came from, or their tokenizers.
+"""
+import concurrent.futures
+import itertools
+import math
+import random
+from functools import partial
+
+import numpy as np
+import torch
+
+import runtime
+from config import BATCHINGS
+from errors import RunError
+
+
+class TranslationDataset(torch.utils.data.Dataset):
+    """Unpadded examples: source + EOS, decoder input SOS + target, labels target + EOS. Every side of every
+    example also lies in one flat array with offsets, from which `collate_indices` gathers a whole batch at once."""
+
+    def __init__(self, src_ids, tgt_ids, sos_id, eos_id):
+        self.src_ids, self.tgt_ids, self.sos_id, self.eos_id = src_ids, tgt_ids, sos_id, eos_id
+        self.src_lengths = np.array([len(s) + 1 for s in src_ids], dtype=np.int64)
+        self.tgt_lengths = np.array([len(t) + 1 for t in tgt_ids], dtype=np.int64)
+        # sources as s + EOS; targets as SOS + t + EOS, whose first n + 1 tokens are tgt_in and last n + 1 labels
+        self.src_flat = np.fromiter(itertools.chain.from_iterable(s + [eos_id] for s in src_ids), dtype=np.int64,
+                                    count=int(self.src_lengths.sum()))
+        self.tgt_flat = np.fromiter(itertools.chain.from_iterable([sos_id] + t + [eos_id] for t in tgt_ids),
+                                    dtype=np.int64, count=int(self.tgt_lengths.sum()) + len(tgt_ids))
+        self.src_starts = np.cumsum(self.src_lengths) - self.src_lengths
+        self.tgt_starts = np.cumsum(self.tgt_lengths + 1) - (self.tgt_lengths + 1)
+
+    def __len__(self):
+        return len(self.src_ids)
+
+    def __getitem__(self, index):
+        src_start, tgt_start = self.src_starts[index], self.tgt_starts[index]
+        src_len, tgt_len = self.src_lengths[index], self.tgt_lengths[index]
+        return (torch.from_numpy(self.src_flat[src_start:src_start + src_len]),
+                torch.from_numpy(self.tgt_flat[tgt_start:tgt_start + tgt_len]),
+                torch.from_numpy(self.tgt_flat[tgt_start + 1:tgt_start + 1 + tgt_len]))
+
+    def lengths(self):
+        """(source, target) lengths of each example as the model sees them, specials included."""
+        return list(zip(self.src_lengths.tolist(), self.tgt_lengths.tolist()))
+
+
+def padded_length(length, multiple):
+    return math.ceil(length / multiple) * multiple
+
+
+def pack_rows(lengths, pack_length):
+    """Share examples with these (source, target) lengths out among rows of about pack_length tokens a side,
+    or as wide as the longest example if that is wider (the batch is that wide anyway); returns each row's
+    example indices. Longest first, each to the row it leaves shortest, so the rows come out nearly equal
+    and almost nothing is padding."""
+    width = max(pack_length, max(max(s, t) for s, t in lengths))
+    total = max(sum(s for s, _ in lengths), sum(t for _, t in lengths))
+    n_rows = min(len(lengths), max(1, math.ceil(total / width)))
+    rows, loads = [[] for _ in range(n_rows)], [[0, 0] for _ in range(n_rows)]
+    for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
+        src_len, tgt_len = lengths[i]
+        best = min(range(n_rows), key=lambda r: (max(loads[r][0] + src_len, loads[r][1] + tgt_len), sum(loads[r])))
+        rows[best].append(i)
+        loads[best][0] += src_len
+        loads[best][1] += tgt_len
+    return rows
+
+
+def fixed_shape(lengths, max_tokens, pack_length, multiple):
+    """(rows, source width, target width) of every batch under --batch_shape fixed: rows as wide as the longest
+    example on each side (or pack_length), as many as max_tokens (source + target, padding included) allows."""
+    src_width = padded_length(max(pack_length, max(s for s, _ in lengths)), multiple)
+    tgt_width = padded_length(max(pack_length, max(t for _, t in lengths)), multiple)
+    return max(1, max_tokens // (src_width + tgt_width)), src_width, tgt_width
+
+
+def next_fit(lengths, src_width, tgt_width):
+    """Examples in order, each to the current row while it fits, else to a new row. Fed the rows BatchSampler's
+    first-fit made, one after another, it remakes exactly those rows: an example went to a later row only
+    because it did not fit the earlier ones, which never got emptier."""
+    rows, src_load, tgt_load = [], 0, 0
+    for i, (src_len, tgt_len) in enumerate(lengths):
+        if not rows or src_load + src_len > src_width or tgt_load + tgt_len > tgt_width:
+            rows.append([])
+            src_load, tgt_load = 0, 0
+        rows[-1].append(i)
+        src_load, tgt_load = src_load + src_len, tgt_load + tgt_len
+    return rows
+
+
+def batch_layout(lengths, pad_multiple=1, fixed_lengths=None, pack_length=0, shape=None):
+    """How collate lays out examples with these (source, target) lengths: the examples in each row
+    (one per row unless packing; trailing rows may be empty under a fixed `shape`) and the padded source and
+    target widths."""
+    if shape:
+        rows = next_fit(lengths, shape[1], shape[2])
+        return rows + [[] for _ in range(shape[0] - len(rows))], shape[1], shape[2]
+    rows = pack_rows(lengths, pack_length) if pack_length else [[i] for i in range(len(lengths))]
+    if fixed_lengths:
+        return rows, *fixed_lengths
+    return (rows, padded_length(max(sum(lengths[i][0] for i in row) for row in rows), pad_multiple),
+            padded_length(max(sum(lengths[i][1] for i in row) for row in rows), pad_multiple))
+
+
+def collate(examples, pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0, shape=None):
+    """Pad source and target to this batch's own longest row (or to fixed_lengths); never truncate.
+
+    examples: (source, decoder input, labels) id tensors. pack_length > 0 packs several sentences end to end into
+    each row (see pack_rows) and adds src_segments / tgt_segments: each token's sentence number within its row,
+    1, 2, ...; 0 = padding. shape = (rows, source width, target width) packs the examples as BatchSampler's fixed
+    shape did (next_fit), into a batch of exactly that shape."""
+    sides = [np.concatenate([np.asarray(example[side], dtype=np.int64) for example in examples]) for side in range(3)]
+    lengths = np.array([len(example[0]) for example in examples]), np.array([len(example[2]) for example in examples])
+    starts = [np.cumsum(side_lengths) - side_lengths for side_lengths in lengths]
+    return _lay_out(sides, (starts[0], starts[1], starts[1]), lengths, pad_id, pad_multiple, fixed_lengths,
+                    pack_length, shape)
+
+
+def collate_indices(data_set, indices, pad_id, pad_multiple=1, pack_length=0, shape=None):
+    """collate([data_set[i] for i in indices], ...) without making a tensor per sentence: the batch is gathered
+    from the dataset's flat arrays by index arithmetic."""
+    indices = np.asarray(indices, dtype=np.int64)
+    tgt_starts = data_set.tgt_starts[indices]
+    return _lay_out((data_set.src_flat, data_set.tgt_flat, data_set.tgt_flat),
+                    (data_set.src_starts[indices], tgt_starts, tgt_starts + 1),
+                    (data_set.src_lengths[indices], data_set.tgt_lengths[indices]), pad_id, pad_multiple, None,
+                    pack_length, shape)
+
+
+def _lay_out(flats, starts, lengths, pad_id, pad_multiple, fixed_lengths, pack_length, shape):
+    """The batch of the examples whose source, decoder input and labels begin at starts[side] in flats[side],
+    with (source, target) lengths: laid out by batch_layout, each side scattered into place in one operation."""
+    rows, src_width, tgt_width = batch_layout(list(zip(lengths[0].tolist(), lengths[1].tolist())), pad_multiple,
+                                              fixed_lengths, pack_length, shape)
+    n_rows, rows = len(rows), [row for row in rows if row]  # empty rows (a fixed shape's) come last
+    order = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=len(lengths[0]))
+    per_row = np.array([len(row) for row in rows])
+    row_of_sentence = np.repeat(np.arange(len(rows)), per_row)
+    first_of_row = np.cumsum(per_row) - per_row
+    number = np.arange(len(order)) - np.repeat(first_of_row, per_row) + 1
+
+    def place(side_lengths):
+        """Row, column and position within its sentence of every token of one side, sentences in `order`."""
+        side_lengths = side_lengths[order]
+        offsets = np.cumsum(side_lengths) - side_lengths  # of each sentence in the side's token stream
+        columns = offsets - np.repeat(offsets[first_of_row], per_row)
+        within = np.arange(int(side_lengths.sum())) - np.repeat(offsets, side_lengths)
+        return (np.repeat(row_of_sentence, side_lengths), np.repeat(columns, side_lengths) + within, within,
+                side_lengths)
+
+    def scatter(values, where, width, fill):
+        batch = np.full((n_rows, width), fill, dtype=np.int64)
+        batch[where[0], where[1]] = values
+        return torch.from_numpy(batch)
+
+    def gather(side, where):
+        return flats[side][np.repeat(starts[side][order], where[3]) + where[2]]
+
+    src_where, tgt_where = place(lengths[0]), place(lengths[1])
+    batch = {"src": scatter(gather(0, src_where), src_where, src_width, pad_id),
+             "tgt_in": scatter(gather(1, tgt_where), tgt_where, tgt_width, pad_id),
+             "labels": scatter(gather(2, tgt_where), tgt_where, tgt_width, pad_id)}
+    if pack_length or shape:
+        batch["src_segments"] = scatter(np.repeat(number, src_where[3]), src_where, src_width, 0)
+        batch["tgt_segments"] = scatter(np.repeat(number, tgt_where[3]), tgt_where, tgt_width, 0)
+    return batch
+
+
+def make_collate(pad_id, pad_multiple=1, fixed_lengths=None, pack_length=0, shape=None):
+    """A picklable collate function, so DataLoader workers can use it."""
+    return partial(collate, pad_id=pad_id, pad_multiple=pad_multiple, fixed_lengths=fixed_lengths,
+                   pack_length=pack_length, shape=shape)
+
+
+class IndexedBatches(torch.utils.data.Dataset):
+    """A dataset whose items are whole batches: item [indices] is collate_indices of those examples, so a
+    DataLoader worker makes a batch in one call instead of one call per sentence."""
+
+    def __init__(self, data_set, **options):
+        self.data_set, self.options = data_set, options
+
+    def __getitem__(self, indices):
+        return collate_indices(self.data_set, indices, **self.options)
+
+
+# ---------------------------------------------------------------- batching
+
+class BatchSampler:
+    """Batches of example indices, fresh for every (seed, epoch).
+
+    batching="random" cuts the shuffled examples in order (random batches); "packed" does the same, for
+    collate to pack (so batches are as varied as random ones, and a token budget counts real tokens).
+    "bucketed" shuffles, sorts pools of ~`pool_batches` batches by length, cuts, then shuffles the batch
+    order, so batches hold sentences of similar length and almost nothing is padding.
+    Batches are cut by `max_tokens` (source + target tokens, padding to each batch's longest included
+    unless packed; rounding up to --pad_multiple is not, so batches do not depend on it) or by
+    `batch_size`. A fixed `shape` (rows, source width, target width) instead fills that many rows first-fit:
+    each example goes to the first row with room on both sides, and the batch ends at the first example that
+    fits in none; its indices come row after row, for collate's next_fit to remake the rows.
+    With world_size > 1 each rank gets a disjoint shard with the same number of batches.
+    `start_batch` skips batches of the current epoch already trained (mid-epoch resume).
+    """
+
+    def __init__(self, lengths, batch_size, max_tokens=0, batching="bucketed", shuffle=True, seed=0,
+                 rank=0, world_size=1, pool_batches=1000, shape=None):
+        if batching not in BATCHINGS:
+            raise ValueError(f"unknown batching {batching!r}")
+        self.shape = shape
+        self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
+        self.batching, self.shuffle, self.seed = batching, shuffle, seed
+        self.rank, self.world_size, self.pool_batches = rank, world_size, pool_batches
+        self.epoch, self.start_batch, self._planned, self._planner = 0, 0, {}, None
+        if len(lengths) < world_size:
+            raise RunError(f"{len(lengths)} training pairs cannot be shared among {world_size} processes")
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches(self, epoch=None):
+        """Every batch of this rank for the current epoch (or this one), including those before start_batch."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._planned:
+            self._planned[epoch] = concurrent.futures.Future()
+            self._planned[epoch].set_result(self._make_batches(epoch))
+        return self._planned[epoch].result()
+
+    def plan_ahead(self, epoch):
+        """Start planning this epoch's batches on a thread of their own, for batches(epoch) to collect; plans of
+        epochs before the current one are dropped."""
+        self._planned = {key: plan for key, plan in self._planned.items() if key >= self.epoch}
+        if epoch not in self._planned:
+            self._planner = self._planner or concurrent.futures.ThreadPoolExecutor(1, "plan-epochs")
+            self._planned[epoch] = self._planner.submit(self._make_batches, epoch)
+
+    def epochs_from(self, epoch, start_batch=0):
+        """Batches epoch after epoch without end, from batch start_batch of `epoch`: what one loader serves a run.
+        Each epoch's successor is planned while it is served, so that the loader never waits for a plan."""
+        while True:
+            batches = self.batches(epoch)
+            self.plan_ahead(epoch + 1)
+            yield from batches[start_batch:]
+            epoch, start_batch = epoch + 1, 0
+
+    def _make_batches(self, epoch):
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.batching == "bucketed":
+            pool = self.pool_batches * (self.batch_size if not self.max_tokens else
+                                        max(1, self.max_tokens // max(1, self._mean_length())))
+            order = [i for start in range(0, len(order), pool)
+                     for i in sorted(order[start:start + pool], key=self._snake)]
+        if self.shape:
+            batches = [[i for row in rows for i in row] for rows in self._first_fit(order)]
+        else:
+            batches = self._cut(order)
+        if self.shuffle:
+            rng.shuffle(batches)
+        while len(batches) % self.world_size:  # split the largest batch until every rank gets as many
+            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
+            batch = batches.pop(largest)
+            if len(batch) < 2:
+                raise RunError(f"too few training pairs to give {self.world_size} processes equal batches")
+            batches[largest:largest] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
+        return batches[self.rank::self.world_size]
+
+    def _snake(self, i):
+        """Sort by source length, then by target length alternately up and down, so that a batch
+        straddling two source lengths holds targets of similar length."""
+        src_len, tgt_len = self.lengths[i]
+        return src_len, tgt_len if src_len % 2 == 0 else -tgt_len
+
+    def _mean_length(self):
+        return sum(s + t for s, t in self.lengths) // len(self.lengths)
+
+    def _cut(self, order):
+        batches, batch, src_max, tgt_max, real = [], [], 0, 0, 0
+        for i in order:
+            src_len, tgt_len = self.lengths[i]
+            new_src, new_tgt, new_real = max(src_max, src_len), max(tgt_max, tgt_len), real + src_len + tgt_len
+            if not self.max_tokens:
+                full = len(batch) == self.batch_size
+            elif self.batching == "packed":  # packed rows are almost all real tokens
+                full = new_real > self.max_tokens
+            else:
+                full = (len(batch) + 1) * (new_src + new_tgt) > self.max_tokens
+            if batch and full:
+                batches.append(batch)
+                batch, new_src, new_tgt, new_real = [], src_len, tgt_len, src_len + tgt_len
+            batch.append(i)
+            src_max, tgt_max, real = new_src, new_tgt, new_real
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def _first_fit(self, order):
+        """The examples in this order packed into batches of self.shape's rows; returns each batch's rows."""
+        n_rows, src_width, tgt_width = self.shape
+        lengths = self.lengths
+        # a row with less room than the shortest example on either side takes no more: it leaves the search
+        shortest_src, shortest_tgt = min(s for s, _ in lengths), min(t for _, t in lengths)
+        batches, rows = [], []
+        src_room, tgt_room, open_rows = [], [], []  # the rows still searched: their room on each side, their examples
+        for i in order:
+            src_len, tgt_len = lengths[i]
+            for k, room in enumerate(src_room):
+                if room >= src_len and tgt_room[k] >= tgt_len:
+                    break
+            else:
+                if len(rows) == n_rows:  # fits in no row: the batch is full
+                    batches.append(rows)
+                    rows, src_room, tgt_room, open_rows = [], [], [], []
+                rows.append([])
+                src_room.append(src_width)
+                tgt_room.append(tgt_width)
+                open_rows.append(rows[-1])
+                k = len(open_rows) - 1
+            open_rows[k].append(i)
+            src_room[k] -= src_len
+            tgt_room[k] -= tgt_len
+            if src_room[k] < shortest_src or tgt_room[k] < shortest_tgt:
+                del src_room[k], tgt_room[k], open_rows[k]
+        return batches + [rows]
+
+    def __iter__(self):
+        return iter(self.batches()[self.start_batch:])
+
+    def __len__(self):
+        return len(self.batches()) - self.start_batch
+
+
+def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True, shape=None):
+    """Training batches as cfg.batching says (of one `shape` when given, see fixed_shape); evaluation
+    (shuffle=False) always uses plain length-sorted batches."""
+    return BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.batching if shuffle else "bucketed",
+                        shuffle, cfg.seed, rank, world_size, cfg.bucket_pool, shape)
+
+
+def make_loader(data_set, sampler, cfg, pad_id, device, batches=None):
+    """A DataLoader of collated batches for `device`, made in loader processes (see runtime.loader_workers) that
+    leave stop signals to the main process; iterate it through runtime.start_loader. batches: the index lists to
+    load, laid out as the sampler's are (default: the sampler's epoch), e.g. sampler.epochs_from(...), so that
+    one set of processes serves a whole run (at GPU speed an epoch can take less time than starting them)."""
+    pack_length = cfg.pack_length if sampler.batching == "packed" else 0
+    batches_of = IndexedBatches(data_set, pad_id=pad_id, pad_multiple=runtime.pad_multiple(cfg, device),
+                                pack_length=pack_length, shape=sampler.shape)
+    # batch_size=None: the sampler's index lists are the items, each made by one __getitem__. A private generator
+    # keeps the DataLoader from drawing on the global RNG, which drives dropout: otherwise a resumed run would see
+    # different dropout masks than an uninterrupted one.
+    return torch.utils.data.DataLoader(
+        batches_of, sampler=batches or sampler, batch_size=None, num_workers=runtime.loader_workers(cfg, device),
+        pin_memory=device.type == "cuda", generator=torch.Generator(),
+        worker_init_fn=runtime.leave_stopping_to_the_main_process)
