@@ -126,8 +126,9 @@ def _hub_rows(name, src, tgt):
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RunError(f"could not load Helsinki-NLP/{name} ({config}) from the Hugging Face hub ({reason}); "
-                         "to train offline pass local files: --data_files pairs.jsonl "
-                         '(one {"translation": {"en": ..., "fr": ...}} per line)') from None
+                       "to train offline pass local files, e.g. `python train.py --data_files "
+                       "tests/fixtures/pairs.jsonl --epochs 2` (a sample this repository ships), or any .jsonl of "
+                       '{"translation": {"en": ..., "fr": ...}} lines') from None
 
 
 def split_pairs(pairs, val_fraction, seed):

@@ -3,6 +3,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -192,7 +193,7 @@ def test_a_finished_run_resumed_into_a_new_run_dir_leaves_its_checkpoints_there(
                                                str(tmp_path / "old" / "best.pt")))
     assert result.returncode == 0, result.stderr
     done = result.stdout.strip().splitlines()[-1]
-    assert done.startswith(f"done: {tmp_path / 'new' / 'best.pt'}")
+    assert done.startswith(f"done: translate with {tmp_path / 'new' / 'last.pt'}")
     for name in ("last.pt", "best.pt"):
         assert checkpoint.saved_step(str(tmp_path / "new" / name)) == checkpoint.saved_step(
             str(tmp_path / "old" / "best.pt"))
@@ -233,3 +234,33 @@ def test_eval_warnings_name_the_file_and_line(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     [warning] = result.stderr.strip().splitlines()
     assert f"{pairs}:3 has 1100 tokens" in warning
+
+
+# train.py whose third step fails with an error no code path expects, as a CUDA error or out-of-memory would
+FAILING_STEP = """
+import sys
+import time
+sys.path.insert(0, {root!r})
+import step, train
+real_step, calls = step.train_step, []
+
+def failing_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("injected failure in the training step")
+    return real_step(*args, **kwargs)
+
+step.train_step = failing_step
+train.main(sys.argv[1:])
+"""
+
+
+def test_an_unexpected_error_with_loader_workers_running_ends_the_process_at_once(tmp_path):
+    """Loader workers ignore SIGTERM (the main process decides when to stop), so the interpreter's exit cannot
+    terminate them: the loader must shut them down itself, or the failed run hangs instead of exiting."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", FAILING_STEP.format(root=ROOT),
+                             *tiny_args(tmp_path, "--epochs", "2", "--num_workers", "2")],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode != 0 and "RuntimeError: injected failure in the training step" in result.stderr
+    assert time.monotonic() - started < 30

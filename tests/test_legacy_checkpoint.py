@@ -4,27 +4,45 @@ load, translate and resume. tests/fixtures/legacy/interrupted.pt is the last.pt 
     python train.py --data_files tests/fixtures/pairs.jsonl <TINY flags> --epochs 2 --dropout 0.2 --amp off --seed 1
 
 stopped by SIGTERM after step 4; uninterrupted_metrics.json holds that command's metrics run without a stop.
-Resuming it today takes the flags whose defaults changed since: `--n_decoder_layers 0` (its decoder was as deep
-as its encoder; the default is now 1), `--ema_decay 0` (it had no weight averaging), `--val_fraction 0.1` and
-`--lowercase_source false` (its source vocabulary kept case). Its self-attentions also hold a query and a
-key-value matrix each, which loading joins into one (weights and the optimizer's moments)."""
+Resuming it takes the flags it was trained with wherever today's defaults differ (its decoder was as deep as its
+encoder, it had no weight averaging, its source vocabulary kept case, OneCycle cycled its momentum, ...): the
+tests spell out every field of its config, so that editing config.py's defaults changes none of them. Its
+self-attentions also hold a query and a key-value matrix each, which loading joins into one (weights and the
+optimizer's moments)."""
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
 
+import checkpoint
 import train
 import translate
-from conftest import ROOT, TINY, run_script, tiny_args
+from config import AUTO_VALUES, Config
+from conftest import ROOT, run_script, tiny_args
 from test_train import crash_at, read_metrics
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
-COMMAND = ["--data_files", "tests/fixtures/pairs.jsonl", *TINY, "--epochs", "2", "--dropout", "0.2", "--amp", "off",
-           "--seed", "1"]
-ARGS = [*COMMAND, "--n_decoder_layers", "0", "--ema_decay", "0", "--val_fraction", "0.1",
-        "--lowercase_source", "false"]
+
+
+def flags_trained_with(leave_out=()):
+    """Flags for every field of the checkpoint's config (fields it predates at the values it trained with),
+    but those a resume may change and `leave_out`."""
+    saved = checkpoint.saved_config(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    flags = []
+    for field in dataclasses.fields(Config):
+        if field.name in checkpoint.RESUME_MAY_CHANGE or field.name in leave_out or field.name not in saved:
+            continue
+        value = saved[field.name]
+        values = value if isinstance(value, list) else ["true" if value else "false"] if isinstance(value, bool) \
+            else [str(value)]
+        flags += [f"--{field.name}", *values]
+    return flags
+
+
+ARGS = [*flags_trained_with(), "--device", "cpu", "--amp", "off"]
 
 
 def test_a_checkpoint_from_an_earlier_version_translates():
@@ -47,10 +65,13 @@ def test_a_checkpoint_from_an_earlier_version_resumes_like_the_uninterrupted_run
 
 def test_resuming_an_earlier_checkpoint_under_a_changed_default_names_the_flag(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
+    saved = checkpoint.saved_config(torch.load(CHECKPOINT, map_location="cpu", weights_only=True))
+    changed = next(f.name for f in dataclasses.fields(Config) if f.name not in checkpoint.RESUME_MAY_CHANGE
+                   and f.name not in AUTO_VALUES and f.name in saved and saved[f.name] != getattr(Config(), f.name))
     with pytest.raises(SystemExit) as exit_info:
-        train.main([*COMMAND, "--val_fraction", "0.1", "--lowercase_source", "false", "--run_dir", str(tmp_path),
+        train.main([*flags_trained_with(leave_out={changed}), "--device", "cpu", "--run_dir", str(tmp_path),
                     "--resume", CHECKPOINT])
-    assert "was trained with --n_decoder_layers 0 but this run has --n_decoder_layers 1" in str(exit_info.value.code)
+    assert f"was trained with --{changed} {saved[changed]} but this run has --{changed} " in str(exit_info.value.code)
 
 
 def split_query(joined):

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import os
 import signal
@@ -8,12 +9,14 @@ import torch
 
 import batching
 import budget
+import conftest
+import dataset
 import runtime
 import step
 import train
 from config import Config
-from runtime import Precision
 from conftest import PAD, SOS, cpu_config, make_model, random_batch, run_script, tiny_args
+from runtime import Precision
 
 
 def read_metrics(run_dir):
@@ -253,6 +256,9 @@ def test_offline_hub_gives_one_line_pointing_at_data_files(tmp_path):
             os.environ.pop(name)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "--data_files" in result.stderr
+    command = result.stderr.split("`")[1]  # the command the message names works from the clone's root
+    assert command.startswith("python train.py --data_files tests/fixtures/pairs.jsonl")
+    assert os.path.isfile(os.path.join(conftest.ROOT, command.split()[3]))
 
 
 @pytest.mark.parametrize("pack_length", [0, 10])
@@ -361,9 +367,10 @@ def test_fused_adamw_step_equals_the_unfused_update():
 @pytest.mark.filterwarnings("ignore:Detected call of")
 def test_readme_reference_command_builds_the_reference_recipe():
     """Three-phase linear OneCycle (peak 1e-3, 10% warm-up, div factors 10), random batches of 32, dropout 0.1
-    everywhere, fp32: the recipe the project descends from, run by the one command the README gives."""
-    readme = open(os.path.join(os.path.dirname(train.__file__), "README.md")).read()
-    section = readme[readme.index("## Reproduce the reference recipe"):]
+    everywhere, momentum cycled, fp32: the recipe the project descends from, run by the one command the docs
+    give, which spells out every flag of it: editing config.py's defaults must not change it."""
+    docs = open(os.path.join(os.path.dirname(train.__file__), "docs", "experiments.md")).read()
+    section = docs[docs.index("## Reproduce the reference recipe"):]
     command = next(line for line in section.splitlines() if line.startswith("python train.py"))
     cfg = Config.from_args(command.split()[2:])
     assert (cfg.batching, cfg.batch_size, cfg.max_tokens, cfg.accum_steps) == ("random", 32, 0, 1)
@@ -373,12 +380,14 @@ def test_readme_reference_command_builds_the_reference_recipe():
     assert (cfg.n_decoder_layers or cfg.n_layers) == 6 and cfg.ema_decay == 0 and cfg.tokenizer == "word"
     assert not cfg.lowercase_source
     total = 1000
-    reference = torch.optim.lr_scheduler.OneCycleLR(torch.optim.AdamW(make_model().parameters()), max_lr=1e-3,
-                                                    total_steps=total, pct_start=0.1, anneal_strategy="linear",
-                                                    div_factor=10, final_div_factor=10, three_phase=True)
-    ours = step.make_optimizer(cfg, make_model(), torch.device("cpu"), total)[1]
+    reference_optimizer = torch.optim.AdamW(make_model().parameters())
+    reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=1e-3, total_steps=total,
+                                                    pct_start=0.1, anneal_strategy="linear", div_factor=10,
+                                                    final_div_factor=10, three_phase=True)
+    optimizer, ours = step.make_optimizer(cfg, make_model(), torch.device("cpu"), total)
     for _ in range(total):
         assert ours.get_last_lr() == reference.get_last_lr()
+        assert optimizer.param_groups[0]["betas"] == reference_optimizer.param_groups[0]["betas"]
         ours.step()
         reference.step()
 
@@ -622,3 +631,25 @@ def test_one_loader_serves_every_epoch_of_a_run(tmp_path, monkeypatch):
     monkeypatch.setattr(batching, "make_loader", make_loader)
     train.main(tiny_args(tmp_path, "--epochs", "3", "--num_workers", "1"))
     assert len(read_metrics(tmp_path)) == 3 and len(training_loaders) == 1
+
+
+def test_every_number_a_captured_step_bakes_in_stays_constant_over_the_run():
+    """A CUDA graph records each optimizer hyperparameter as the value it had when captured, except the rate,
+    which it reads from a device tensor: every other group option (betas above all, which OneCycle cycles when
+    --cycle_momentum is true) must not change during a run on the default path, and a config that would change
+    them is kept off the graph."""
+    cfg = cpu_config(data_files=[conftest.FIXTURE], d_model=32, n_heads=2, d_ff=64, n_layers=2, n_unique_layers=1,
+                     max_tokens=600, batching="packed", batch_shape="fixed")
+    data = dataset.prepare_data(cfg, log=lambda message: None)
+    trainer, _ = train.build_trainer(cfg, data, None, 0, 1, Precision(torch.device("cpu")), lambda message: None)
+    collate = batching.make_collate(data.ids["pad"], 8, shape=trainer.sampler.shape)
+    batches = [collate([data.train[i] for i in indices]) for indices in trainer.sampler] * 3
+    baked_in = []
+    for _ in train.training_steps(trainer, batches):
+        baked_in.append([{k: v for k, v in group.items() if k not in ("params", "lr")}
+                         for group in trainer.optimizer.param_groups])
+    assert len(baked_in) > 10 and all(options == baked_in[0] for options in baked_in)
+    assert trainer.optimizer.param_groups[0]["lr"] != cfg.lr / cfg.div_factor  # the rate did move
+    momentum = dataclasses.replace(cfg, cycle_momentum=True)
+    assert "--cycle_momentum true" in runtime.graph_obstacle(momentum, torch.device("cuda"), torch.bfloat16, 1)
+    assert runtime.graph_obstacle(cfg, torch.device("cuda"), torch.bfloat16, 1) is None
