@@ -1,23 +1,28 @@
 """Side-by-side throughput: the same model on the same data under several batching/precision variants.
 
-    python bench.py --data_files a.jsonl b.jsonl --seconds 20 [any config.py flag]
+    python bench.py --data_files a.jsonl b.jsonl --seconds 20 [--variants default,dynamic,...] [config.py flags]
 
-Each variant trains from the same initial weights for --seconds (after a few untimed warm-up steps),
-then the trained weights are decoded greedily without and with the cache and with beam search.
-Prints one JSON object on stdout; progress goes to stderr. `pad_fraction` is the padding share of the
-batches a variant trained on in its time; `epoch_pad_fraction` that of a whole epoch of its batches.
+Each variant trains from the same initial weights for --seconds (after a few untimed warm-up steps), then the
+trained weights are decoded greedily without and with the cache and with beam search. stdout holds JSON lines
+only, each printed as soon as it is measured: a header (device, config, what --amp auto chose), one line per
+variant (the profile of the default step first, when asked for), the ratios against `dynamic`, the decoding
+speeds. Progress and warnings go to stderr.
+`pad_fraction` is the padding share of the batches a variant trained on in its time; `epoch_pad_fraction`
+that of a whole epoch of its batches; `cuda_graph` is "captured", "failed: <reason>" or "off: <why>".
 
-Variants: fixed (random batches, every sequence padded to the longest in the data), dynamic (random
-batches padded to their own longest, fp32, the reference recipe's dropout 0.1 everywhere and no weight
-averaging: the reference's
-technique and the baseline of every ratio, pinned so that it does not move when the defaults do),
-bucketed (length-bucketed batches), packed (random batches packed into rows), bucketed_amp / packed_amp
-(the same under autocast: bf16 on CPU, fp16 with GradScaler on CUDA), and default (exactly the config's
-batching, precision and optimizer, flags included); on CUDA also packed_bf16 and packed_amp_compile.
-fixed and dynamic always take --batch_size sentences, as the reference did; the others take --max_tokens
-when it is set. Every variant reports fraction_of_peak: analytic training FLOPs per real token x real
-tokens/s / the peak matmul FLOP/s this script measures in that precision, and the attention kernels
-SDPA chose. Decoding runs under the config's --amp (auto: see runtime.amp_dtype).
+Variants, the default first: default (exactly the config's batching, precision and optimizer, flags included),
+fixed (random batches, every sequence padded to the longest in the data), dynamic (random batches padded to
+their own longest, fp32, the reference recipe's dropout 0.1 everywhere and no weight averaging: the
+reference's technique and the baseline of every ratio, pinned so that it does not move when the defaults do),
+bucketed (length-bucketed batches), packed (random batches packed into rows), bucketed_amp / packed_amp (the
+same under autocast: fp16 with GradScaler on CUDA; bf16 on a CPU where it measured faster than fp32, else
+fp32), on CUDA packed_bf16_eager (the default's step without its CUDA graph) and packed_amp_compile, and
+loader / loader_64k (the input pipeline alone, at the CUDA default's 16,384-token fixed shape and at 65,536:
+real tokens per second, nothing trained). fixed and dynamic always take --batch_size sentences, as the
+reference did; the others take --max_tokens when it is set. Every trained variant reports fraction_of_peak:
+analytic training FLOPs per real token x real tokens/s / the peak matmul FLOP/s this script measures in that
+precision, and the attention kernels SDPA chose. Decoding runs under the config's --amp (auto: see
+runtime.amp_dtype).
 """
 import argparse
 import contextlib
@@ -291,6 +296,8 @@ def main(argv=None):
                                                        "pad_multiple", "attn_dropout", "lr", "batch_shape",
                                                        "cuda_graph")},
           "amp_auto": PRECISION_NAMES[runtime.amp_dtype("auto", device)]})  # what --amp auto chose here
+    if args.profile_steps:  # first: on a GPU the default step's profile is the figure that matters most
+        emit({"profile": profile_steps(resolved, data, device, args.profile_steps)})
     results, peaks, model = {}, {}, None
     for name in chosen:
         if name.startswith("loader"):
@@ -306,8 +313,6 @@ def main(argv=None):
         baseline = results["dynamic"]["real_tokens_per_sec"]
         emit({"ratios_vs_dynamic": {name: r["real_tokens_per_sec"] / baseline for name, r in results.items()},
               "peak_flops": peaks})
-    if args.profile_steps:
-        emit({"profile": profile_steps(resolved, data, device, args.profile_steps)})
     if model is None and not args.decode_checkpoint:
         return
     sources, ids = data.val.src_ids[:args.decode_sentences], data.ids

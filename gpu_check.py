@@ -1,6 +1,6 @@
 """Prove the GPU path end to end, offline, in one device call of under 7 minutes, and write one JSON summary:
 
-    python gpu_check.py [--data_files F ...] [--test_file F] [--seconds 8] [--quality_minutes 1] [--out gpu_check.json]
+    python gpu_check.py [--data_files F ...] [--test_file F] [--seconds 5] [--quality_minutes 1] [--out gpu_check.json]
 
 Sections, each with its own time limit, the JSON rewritten after every one (a call cut short still leaves what
 it measured): tests/test_cuda.py (pytest's whole output when a test fails); bench.py's variants (the default's
@@ -78,7 +78,7 @@ def main():
     parser.add_argument("--data_files", nargs="*", help="training pairs (default: see above)")
     parser.add_argument("--test_file", help="pairs no run trained on, to score the quality run's last.pt "
                                             "(default: ../shared/data/newstest2013_en_fr.jsonl where present)")
-    parser.add_argument("--seconds", type=float, default=8.0, help="bench.py training time per variant")
+    parser.add_argument("--seconds", type=float, default=5.0, help="bench.py training time per variant")
     parser.add_argument("--quality_minutes", type=float, default=1.0, help="--max_minutes of the time-to-quality run")
     parser.add_argument("--out", default="gpu_check.json", help="where the JSON summary goes")
     args = parser.parse_args()

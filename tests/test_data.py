@@ -1,5 +1,6 @@
 import json
 import random
+import threading
 from collections import Counter
 
 import pytest
@@ -371,3 +372,23 @@ def test_batches_gathered_from_the_flat_arrays_equal_collated_examples(options):
         assert batch.keys() == expected.keys()
         for key, value in expected.items():
             assert torch.equal(batch[key], value), (trial, key)
+
+
+def test_the_next_epoch_is_planned_on_a_thread_of_its_own_while_this_one_is_served(monkeypatch):
+    """First-fit planning takes a second an epoch of the large set: done on the thread that iterates the loader,
+    it would stop the GPU's batches for that long at every epoch's start."""
+    lens = lengths(3000)
+    sampler, _ = fixed_sampler(lens)
+    planned_on, real_plan = {}, sampler._make_batches
+
+    def recorded_plan(epoch):
+        planned_on[epoch] = threading.current_thread().name
+        return real_plan(epoch)
+
+    monkeypatch.setattr(sampler, "_make_batches", recorded_plan)
+    served = sampler.epochs_from(0)
+    first = next(served)
+    assert planned_on[0] == threading.current_thread().name
+    sampler.set_epoch(1)
+    assert sampler.batches() == fixed_sampler(lens)[0].batches(1)  # the plan it collected is the epoch's own
+    assert planned_on[1].startswith("plan-epochs") and first == fixed_sampler(lens)[0].batches(0)[0]
