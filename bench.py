@@ -258,7 +258,7 @@ def main(argv=None):
     # checked before minutes of training, not after
     if not (0 < args.seconds < float("inf") and args.decode_sentences >= 1 and args.decode_beam >= 1):
         raise RunError("--seconds must be positive and finite, --decode_sentences and --decode_beam "
-                         "at least 1")
+                       "at least 1")
     if args.profile_steps < 0:
         raise RunError("--profile_steps must not be negative")
     if args.decode_checkpoint and not os.path.isfile(args.decode_checkpoint):

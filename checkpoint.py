@@ -65,7 +65,7 @@ def locked_run_dir(run_dir, is_main):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunError(f"--run_dir {run_dir} is in use by another running train.py; wait for it "
-                             "or pass another --run_dir") from None
+                           "or pass another --run_dir") from None
         yield
 
 
@@ -83,7 +83,7 @@ def write_or_explain(write, path):
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
         hint = "free some disk space" if error.errno == errno.ENOSPC else "check the directory"
         raise RunError(f"could not write {path}: {error.strerror}; {kept}; {hint} and resume with "
-                         "--resume auto") from None
+                       "--resume auto") from None
 
 
 def save_atomic(state, path):
@@ -106,17 +106,17 @@ def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
     """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
     if os.path.isdir(path):
         raise RunError(f"{path} is a directory; name a checkpoint file in it (e.g. "
-                         f"{os.path.join(path, 'last.pt')}), or resume a --run_dir's own with --resume auto")
+                       f"{os.path.join(path, 'last.pt')}), or resume a --run_dir's own with --resume auto")
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         raise RunError(f"refusing to load {path}: it holds pickled Python objects, which could run code; "
-                         "only checkpoints written by train.py load") from None
+                       "only checkpoints written by train.py load") from None
     except Exception as error:
         raise RunError(f"cannot read checkpoint {path}: truncated or corrupt "
-                         f"({type(error).__name__})") from None
+                       f"({type(error).__name__})") from None
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise RunError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
@@ -174,14 +174,14 @@ def config_of(checkpoint, path):
     missing = [name for name in needed if not isinstance(saved, dict) or name not in saved]
     if missing:
         raise RunError(f"{path}: its config lacks {', '.join(missing)}; the checkpoint was edited or is "
-                         "damaged")
+                       "damaged")
     known = {field.name for field in dataclasses.fields(Config)}
     try:
         config = Config(**{**PREDATED_FIELDS, **{name: value for name, value in saved.items() if name in known}})
         config.validate()
     except (TypeError, ValueError) as error:
         raise RunError(f"{path}: its config is not valid ({error}); the checkpoint was edited or is "
-                         "damaged") from None
+                       "damaged") from None
     return config
 
 
@@ -191,7 +191,7 @@ def tokenizers_of(checkpoint, path):
         return [Tokenizer.from_str(text) for text in checkpoint["tokenizers"]]
     except Exception:
         raise RunError(f"{path}: its tokenizers are not the JSON train.py writes; the checkpoint was edited "
-                         "or is damaged") from None
+                       "or is damaged") from None
 
 
 def load_for_resume(cfg, last_path, world_size, log):
@@ -217,7 +217,7 @@ def check_same_data(checkpoint, fingerprint, path):
     move former training pairs into validation. (Checkpoints from before fingerprints pass unchecked.)"""
     if checkpoint.get("data_fingerprint", fingerprint) != fingerprint:
         raise RunError(f"the data has changed since {path} was written (the pairs in --data_files, or the "
-                         "hub dataset, differ); resume with the data it was trained on, or start a new --run_dir")
+                       "hub dataset, differ); resume with the data it was trained on, or start a new --run_dir")
 
 
 def best_first(line):
@@ -259,12 +259,12 @@ def check_resumable(checkpoint, cfg, path, world_size):
     for name, value in dataclasses.asdict(cfg).items():
         if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
             raise RunError(f"{path} was trained with --{name} {saved.get(name)} but this run has --{name} "
-                             f"{value}; resume with the same value (the schedule, data and model must match) "
-                             "or start a new --run_dir")
+                           f"{value}; resume with the same value (the schedule, data and model must match) "
+                           "or start a new --run_dir")
     if len(checkpoint["ranks"]) != world_size:
         raise RunError(f"{path} was written by a run of world size {len(checkpoint['ranks'])} but this "
-                         f"run has world size {world_size}; resume with the same number of processes (torchrun "
-                         "--nproc_per_node) because each process's data shard and the schedule length depend on it")
+                       f"run has world size {world_size}; resume with the same number of processes (torchrun "
+                       "--nproc_per_node) because each process's data shard and the schedule length depend on it")
 
 
 def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None):

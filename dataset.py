@@ -97,7 +97,7 @@ def _read_rows(path, src, tgt):
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as error:
                 raise RunError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
-                                 f"{error.start + 1}); convert the file to UTF-8") from None
+                               f"{error.start + 1}); convert the file to UTF-8") from None
             if not line.strip():
                 continue
             if path.endswith(".tsv"):
@@ -238,7 +238,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
     fits = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if max(len(s), len(t)) < cfg.max_positions]
     if not fits:
         raise RunError(f"none of the {len(val_pairs):,} validation pairs fits the model (--max_positions "
-                         f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
+                       f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
     log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
         f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={cfg.tokenizer}")
 
@@ -287,7 +287,7 @@ def check_vocabularies(cfg, tokenizers, encoded, unk_id, log):
     for language, tokenizer, ids in zip((cfg.lang_src, cfg.lang_tgt), tokenizers, encoded):
         if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
             raise RunError(f"the {language} vocabulary holds only the special tokens: no word occurs "
-                             f"--min_frequency {cfg.min_frequency} times in the training split; lower --min_frequency")
+                           f"--min_frequency {cfg.min_frequency} times in the training split; lower --min_frequency")
         tokens = sum(len(sentence) for sentence in ids)
         unknown = sum(sentence.count(unk_id) for sentence in ids)
         if unknown > 0.5 * tokens:

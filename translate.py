@@ -37,7 +37,7 @@ def load_translator(path, device):
         model.load_state_dict(checkpoint["model"])
     except (RuntimeError, ValueError, TypeError):
         raise RunError(f"{path}: its weights do not match the model its config describes; "
-                         "the checkpoint is damaged or was edited") from None
+                       "the checkpoint is damaged or was edited") from None
     return model.to(device).eval(), src_tokenizer, tgt_tokenizer, dataclasses.asdict(cfg)
 
 
