@@ -33,7 +33,8 @@ def calibrate(trainer, progress, train_seconds):
     total = steps_that_fit(trainer, progress, spent, seconds_per_step, at_least=2)
     trainer.schedule.settle()
     progress.total_steps, progress.calibrated = total, True
-    trainer.schedule.scheduler = make_scheduler(cfg, trainer.optimizer, progress.total_steps - progress.step)
+    if total > progress.step:  # else the timed steps were all the run may take (--epochs, --max_steps)
+        trainer.schedule.scheduler = make_scheduler(cfg, trainer.optimizer, total - progress.step)
     trainer.schedule.frozen = False
 
 

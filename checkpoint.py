@@ -257,6 +257,8 @@ def saved_config(checkpoint):
 def check_resumable(checkpoint, cfg, path, world_size):
     saved = saved_config(checkpoint)
     for name, value in dataclasses.asdict(cfg).items():
+        if name == "data_files" and same_files(saved.get(name), value):
+            continue  # the same files under another spelling; the content fingerprint guards what they hold
         if name not in RESUME_MAY_CHANGE and saved.get(name) != value:
             raise RunError(f"{path} was trained with --{name} {saved.get(name)} but this run has --{name} "
                            f"{value}; resume with the same value (the schedule, data and model must match) "
@@ -265,6 +267,12 @@ def check_resumable(checkpoint, cfg, path, world_size):
         raise RunError(f"{path} was written by a run of world size {len(checkpoint['ranks'])} but this "
                        f"run has world size {world_size}; resume with the same number of processes (torchrun "
                        "--nproc_per_node) because each process's data shard and the schedule length depend on it")
+
+
+def same_files(saved, paths):
+    """Whether two --data_files lists name the same files, in order (med.jsonl, ./med.jsonl, its absolute path)."""
+    return (isinstance(saved, list) and len(saved) == len(paths)
+            and all(os.path.realpath(a) == os.path.realpath(b) for a, b in zip(saved, paths)))
 
 
 def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None):

@@ -185,7 +185,8 @@ class Config:
                 group.add_argument(f"--{f.name}", type=_parse_bool, default=default, metavar="true|false",
                                    help=help_text)
             elif kind == list[str]:
-                group.add_argument(f"--{f.name}", nargs="*", default=default, metavar="FILE", help=help_text)
+                group.add_argument(f"--{f.name}", nargs="*", action="extend", default=default, metavar="FILE",
+                                   help=help_text + "; repeating the flag adds files")
             else:
                 group.add_argument(f"--{f.name}", type=kind, default=default, choices=f.metadata["choices"],
                                    help=help_text)

@@ -231,7 +231,8 @@ def train_epoch(trainer, progress, sums, stop_signal, writer, batches, bar):
         skipped += count_skips(trainer, verdicts, patience, progress.step)
         if cfg.max_minutes and not progress.calibrated:
             calibrate(trainer, progress, lambda: progress.train_seconds + clock() - started)
-            bar.total = progress.total_steps if progress.calibrated else None
+            if progress.calibrated:
+                bar.total = progress.total_steps
         if is_main and logged(progress.step, cfg.log_every):  # reading the loss is a host sync: not every step
             loss = float(step_loss) / max(1, int(step_tokens))
             rate = (real_tokens - sums["real_tokens"]) / max(1e-9, clock() - started)

@@ -264,3 +264,24 @@ def test_an_unexpected_error_with_loader_workers_running_ends_the_process_at_onc
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode != 0 and "RuntimeError: injected failure in the training step" in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_resume_takes_the_same_data_file_under_another_spelling_and_repeated_flags_add_files(tmp_path, monkeypatch):
+    """med.jsonl, ./med.jsonl and its absolute path are one file: the content fingerprint guards what it holds."""
+    monkeypatch.chdir(ROOT)
+    relative = os.path.relpath(FIXTURE, ROOT)
+    args = ["--run_dir", str(tmp_path), *tiny_args(tmp_path)[4:], "--epochs", "2", "--max_steps", "3"]
+    train.main(["--data_files", relative, *args])
+    train.main(["--data_files", "./" + relative, *args, "--resume", "auto"])
+    train.main(["--data_files", FIXTURE, *args, "--resume", "auto"])
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    from config import Config
+    assert Config.from_args(["--data_files", "a.jsonl", "--data_files", "b.jsonl"]).data_files == ["a.jsonl",
+                                                                                                  "b.jsonl"]
+
+
+def test_a_time_budget_on_a_run_shorter_than_its_timing_window_ends_the_run(tmp_path):
+    """--max_minutes on 2 steps in all: the timed steps are the whole run, and no empty schedule is made."""
+    train.main(tiny_args(tmp_path, "--max_minutes", "5", "--epochs", "1", "--max_tokens", "0", "--batch_size", "200"))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert checkpoint["step"] == checkpoint["total_steps"] == 2 and checkpoint["calibrated"]
