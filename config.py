@@ -137,6 +137,8 @@ class Config:
                      "max_len_diff", "n_eval_sentences", "grad_clip", "ema_decay", "attn_dropout",
                      "weight_decay", "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
+        require(self.d_model % 2 == 0, f"--d_model must be even: the position table pairs a sine with a cosine "
+                                       f"(got {self.d_model})")
         require(self.d_model % self.n_heads == 0,
                 f"--n_heads must divide --d_model (got {self.d_model} and {self.n_heads})")
         require(self.max_src_tokens + self.max_len_diff < self.max_positions,

@@ -44,6 +44,7 @@ def test_flags_are_derived_from_fields():
 
 @pytest.mark.parametrize("argv, message", [
     (["--d_model", "512", "--n_heads", "7"], "--n_heads must divide --d_model (got 512 and 7)"),
+    (["--d_model", "33", "--n_heads", "1"], "--d_model must be even: the position table pairs a sine with a cosine"),
     (["--share", "ring"], "argument --share: invalid choice: 'ring' (choose from 'none', 'sequence'"),
     (["--n_layers", "6", "--n_unique_layers", "7"], "--n_unique_layers must not exceed --n_layers"),
     (["--tokenizer", "word", "--tie_embeddings", "true"], "--tie_embeddings true needs --tokenizer bpe"),
