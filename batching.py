@@ -223,18 +223,21 @@ class BatchSampler:
     def batches(self, epoch=None):
         """Every batch of this rank for the current epoch (or this one), including those before start_batch."""
         epoch = self.epoch if epoch is None else epoch
-        if epoch not in self._planned:
+        if epoch not in self._drop_past_plans():
             self._planned[epoch] = concurrent.futures.Future()
             self._planned[epoch].set_result(self._make_batches(epoch))
         return self._planned[epoch].result()
 
     def plan_ahead(self, epoch):
-        """Start planning this epoch's batches on a thread of their own, for batches(epoch) to collect; plans of
-        epochs before the current one are dropped."""
-        self._planned = {key: plan for key, plan in self._planned.items() if key >= self.epoch}
-        if epoch not in self._planned:
+        """Start planning this epoch's batches on a thread of their own, for batches(epoch) to collect."""
+        if epoch not in self._drop_past_plans():
             self._planner = self._planner or concurrent.futures.ThreadPoolExecutor(1, "plan-epochs")
             self._planned[epoch] = self._planner.submit(self._make_batches, epoch)
+
+    def _drop_past_plans(self):
+        """The plans kept, those of the current epoch and later ones: counting a run's epochs keeps none of them."""
+        self._planned = {key: plan for key, plan in self._planned.items() if key >= self.epoch}
+        return self._planned
 
     def epochs_from(self, epoch, start_batch=0):
         """Batches epoch after epoch without end, from batch start_batch of `epoch`: what one loader serves a run.

@@ -85,8 +85,8 @@ def main():
     large = [os.path.join(SHARED, name) for name in LARGE_SET]
     data_files = (args.data_files or (large if all(map(os.path.isfile, large)) else None)
                   or [os.path.join(ROOT, "tests", "fixtures", "pairs.jsonl")])
-    test_file = args.test_file or next(iter(filter(os.path.isfile, [os.path.join(SHARED, "newstest2013_en_fr.jsonl")])),
-                                       None)
+    newstest = os.path.join(SHARED, "newstest2013_en_fr.jsonl")
+    test_file = args.test_file or (newstest if os.path.isfile(newstest) else None)
     summary = {"cuda": torch.cuda.is_available(), "torch": torch.__version__, "cuda_version": torch.version.cuda,
                "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
                "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
