@@ -23,10 +23,10 @@ from errors import RunError
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "cuda_graph", "log_every",
                      "pad_multiple", "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b",
-                     "eval_every_minutes"}
+                     "eval_every_minutes", "overwrite"}
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
 PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False,
-                   "cycle_momentum": True}
+                   "cycle_momentum": True, "max_val_pairs": 0}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 
@@ -71,19 +71,34 @@ def locked_run_dir(run_dir, is_main):
 
 def write_or_explain(write, path):
     """Run write(temporary path), then rename it over path: a crash or a full disk at any moment leaves
-    the previous file intact, and a failure is one line that says so."""
+    the previous file intact, and a failure is one line that says so, whatever the writer raised (torch.save
+    raises RuntimeError on a full disk, a tokenizer's save a plain Exception)."""
     try:
         write(path + ".tmp")
         os.replace(path + ".tmp", path)
-    except BaseException as error:  # Ctrl-C too: never leave a half-written temporary file behind
+    except Exception as error:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        if not isinstance(error, OSError):
-            raise
-        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
-        hint = "free some disk space" if error.errno == errno.ENOSPC else "check the directory"
-        raise RunError(f"could not write {path}: {error.strerror}; {kept}; {hint} and resume with "
-                       "--resume auto") from None
+        raise RunError(write_failure(error, path)) from None
+    except BaseException:  # Ctrl-C too: never leave a half-written temporary file behind
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise
+
+
+def write_failure(error, path):
+    """The one line that explains why writing path failed, and what is left of the file it was to replace."""
+    if os.path.isdir(path):
+        return (f"could not write {path}: a directory of that name is in the way; move it aside and resume "
+                "with --resume auto")
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    directory = os.path.dirname(path) or "."
+    with contextlib.suppress(OSError):
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or shutil.disk_usage(directory).free < 2 ** 20:
+            reason = "no space left on the device"
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.isfile(path) else "nothing was written"
+    hint = "free some disk space" if reason == "no space left on the device" else "check the directory"
+    return f"could not write {path}: {reason}; {kept}; {hint} and resume with --resume auto"
 
 
 def save_atomic(state, path):
@@ -102,11 +117,12 @@ def write_lines_atomic(lines, path):
     write_or_explain(write, path)
 
 
-def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS):
-    """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
+def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS, directory_hint=""):
+    """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run.
+    directory_hint: what the message for a directory adds (train.py: how to resume a run directory)."""
     if os.path.isdir(path):
         raise RunError(f"{path} is a directory; name a checkpoint file in it (e.g. "
-                       f"{os.path.join(path, 'last.pt')}), or resume a --run_dir's own with --resume auto")
+                       f"{os.path.join(path, 'last.pt')}){directory_hint}")
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
@@ -199,17 +215,48 @@ def load_for_resume(cfg, last_path, world_size, log):
     checked to fit this run, with the fields cfg leaves at auto taking the values the checkpoint was trained
     with (a run begun on a GPU resumes with its GPU-sized batches on a CPU); (None, None, cfg) for a fresh run."""
     resume_path = last_path if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and not os.path.isfile(last_path):
+    if cfg.resume == "auto" and os.path.isdir(last_path):
+        raise RunError(f"{last_path} is a directory, not a checkpoint; move it aside to continue or start the run")
+    if cfg.resume == "auto" and not os.path.exists(last_path):
         log(f"resume: no {last_path} yet, starting a new run")
         return None, None, cfg
     if not resume_path:
         return None, None, cfg
-    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + PROGRESS_KEYS)
+    checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + PROGRESS_KEYS,
+                                 directory_hint=", or resume a --run_dir's own with --resume auto")
     cfg = cfg.with_autos_from(saved_config(checkpoint))
     check_resumable(checkpoint, cfg, resume_path, world_size)
     log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "
         f"step {checkpoint['step']})")
     return checkpoint, resume_path, cfg
+
+
+def claim_run_dir(run_dir, resume_path, overwrite, is_main):
+    """A run that does not continue run_dir's own last.pt would replace the checkpoints of the run there at its
+    first evaluation: refused, unless --overwrite true, which removes that run's checkpoints, metrics and
+    TensorBoard logs first, so that nothing of it is mistaken for this one's."""
+    own = [os.path.join(run_dir, name) for name in ("last.pt", "best.pt")]
+    if resume_path and os.path.realpath(resume_path) == os.path.realpath(own[0]):
+        return
+    held = [path for path in own if os.path.exists(path)]
+    if not held:
+        return
+    if not overwrite:
+        step = saved_step(held[0])
+        raise RunError(f"--run_dir {run_dir} holds another run ({os.path.basename(held[0])}"
+                       f"{'' if step is None else f' at step {step:,}'}); continue it with --resume auto, train "
+                       "anew in another --run_dir, or replace it with --overwrite true")
+    if is_main:
+        for name in ["last.pt", "best.pt", "metrics.jsonl"] + [name for name in os.listdir(run_dir)
+                                                              if name.startswith("events.out.tfevents.")]:
+            path = os.path.join(run_dir, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+            except OSError as error:
+                raise RunError(f"--overwrite: could not remove {path}: {error.strerror}") from None
 
 
 def check_same_data(checkpoint, fingerprint, path):

@@ -13,6 +13,18 @@ DEVICES = ("auto", "cuda", "cpu")
 BATCHINGS = ("packed", "bucketed", "random")
 BATCH_SHAPES = ("auto", "fixed", "varied")
 ANNEAL_STRATEGIES = ("cos", "linear")
+DATA_FILE_TYPES = (".jsonl", ".json", ".tsv", ".parquet")
+# GNMT's length penalty ((5 + length) / 6) ** alpha: beyond this it overflows a float for long outputs, and
+# published settings lie between 0.6 and 2
+MAX_LENGTH_PENALTY = 10.0
+# Upper bounds far beyond any use, so that a mistyped value stops at once, not after data preparation in an
+# allocation failure or a Python overflow (torch seeds take 64 bits; a worker per core is the most that helps)
+UPPER_BOUNDS = {"d_model": 2 ** 14, "n_heads": 2 ** 10, "d_ff": 2 ** 16, "n_layers": 2 ** 10,
+                "n_decoder_layers": 2 ** 10, "n_unique_layers": 2 ** 10, "max_positions": 2 ** 16,
+                "max_src_tokens": 2 ** 16, "max_len_diff": 2 ** 16, "vocab_size": 2 ** 21, "batch_size": 2 ** 20,
+                "max_tokens": 2 ** 24, "pack_length": 2 ** 16, "accum_steps": 2 ** 12, "bucket_pool": 2 ** 20,
+                "pad_multiple": 2 ** 10, "beam": 2 ** 7, "max_len_b": 2 ** 16, "seed": 2 ** 63 - 1,
+                "num_workers": 2 ** 7, "epochs": 10 ** 6, "max_steps": 10 ** 12}
 # Fields whose default means "auto". A resumed run takes the values its checkpoint was trained with, so batches
 # and schedule stay the same; a new run resolves them for its device (runtime.resolve_autos; epochs: train.py).
 AUTO_VALUES = {"epochs": 0, "max_tokens": -1, "batch_shape": "auto", "lr": 0.0, "dropout": -1.0}
@@ -41,6 +53,8 @@ class Config:
     lang_tgt: str = DATA("fr", 'target language key in the rows\' "translation" dict')
     data_files: list[str] = DATA([], "local .jsonl/.tsv/.parquet files; empty = the hub dataset")
     val_fraction: float = DATA(0.03, "share of pairs held out for validation (seeded, stable split)")
+    max_val_pairs: int = DATA(1000, "at most this many of them (the rest train): evaluation stays cheap on large data "
+                                    "(0 = no cap)")
     max_src_tokens: int = DATA(150, "drop training pairs whose source has more tokens than this")
     max_len_diff: int = DATA(10, "drop training pairs whose target is longer than source + this (in tokens)")
     max_positions: int = DATA(1024, "longest sequence the model accepts (sinusoidal table size)")
@@ -103,9 +117,12 @@ class Config:
     num_workers: int = SYSTEM(-1, "DataLoader worker processes (-1 = auto: 2 on CUDA, 0 on a CPU, whose cores train)")
     run_dir: str = SYSTEM("runs/opus_books", "where checkpoints, metrics and TensorBoard logs go")
     resume: str = SYSTEM("", '"" = fresh run, "auto" = run_dir/last.pt if it exists, or a checkpoint path')
+    overwrite: bool = SYSTEM(False, "a fresh run may replace the run already in run_dir (else it is refused: "
+                                    "nothing finished is ever lost by a rerun)")
     log_every: int = SYSTEM(50, "steps between progress-bar and TensorBoard updates")
     eval_every_minutes: float = EVALUATION(
-        0.0, "evaluate and save at an epoch end after this much training (0 = auto, README)")
+        0.0, "evaluate and save after this much training, within an epoch too (0 = auto: every epoch or 10 minutes, "
+             "whichever comes first; with max_minutes, five times in it)")
     n_eval_sentences: int = EVALUATION(
         500, "validation sentences translated per evaluation: BLEU/chrF/CER/WER; BLEU picks best.pt")
     beam: int = EVALUATION(1, "beam size for evaluation translations (1 = greedy)")
@@ -132,9 +149,12 @@ class Config:
                      "max_src_tokens", "max_positions", "vocab_size", "min_frequency", "pack_length", "accum_steps",
                      "bucket_pool", "nan_patience", "log_every", "beam"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1 (got {getattr(self, name)})")
+        for name, bound in UPPER_BOUNDS.items():
+            require(getattr(self, name) <= bound, f"--{name} must be at most {bound:,} (got {getattr(self, name):,})")
+        require(self.seed >= 0, f"--seed must not be negative (got {self.seed})")
         require(self.num_workers >= -1, f"--num_workers must be -1 (auto) or more (got {self.num_workers})")
         for name in ("n_decoder_layers", "epochs", "max_steps", "max_minutes", "eval_every_minutes", "lr",
-                     "max_len_diff", "n_eval_sentences", "grad_clip", "ema_decay", "attn_dropout",
+                     "max_len_diff", "n_eval_sentences", "max_val_pairs", "grad_clip", "ema_decay", "attn_dropout",
                      "weight_decay", "label_smoothing", "length_penalty", "max_len_a", "max_len_b", "pad_multiple"):
             require(getattr(self, name) >= 0, f"--{name} must not be negative (got {getattr(self, name)})")
         require(self.d_model % 2 == 0, f"--d_model must be even: the position table pairs a sine with a cosine "
@@ -153,6 +173,8 @@ class Config:
                 f"--dropout must be -1 (auto) or at least 0 and below 1 (got {self.dropout})")
         require(self.attn_dropout < 1, f"--attn_dropout must be below 1 (got {self.attn_dropout})")
         require(self.max_len_a > 0 or self.max_len_b > 0, "--max_len_a or --max_len_b must be positive")
+        require(self.length_penalty <= MAX_LENGTH_PENALTY,
+                f"--length_penalty must be at most {MAX_LENGTH_PENALTY:g} (got {self.length_penalty:g})")
         require(self.ema_decay < 1, f"--ema_decay must be below 1 (got {self.ema_decay})")
         require(self.label_smoothing < 1, f"--label_smoothing must be below 1 (got {self.label_smoothing})")
         require(0 < self.pct_start < 1, f"--pct_start must be between 0 and 1 (got {self.pct_start})")
@@ -163,8 +185,8 @@ class Config:
         require(self.batch_shape != "fixed" or (self.batching == "packed" and self.max_tokens != 0),
                 "--batch_shape fixed needs --batching packed and a token budget (--max_tokens -1 or at least 16)")
         for path in self.data_files:
-            require(path.endswith((".jsonl", ".json", ".tsv", ".parquet")),
-                    f"--data_files takes .jsonl, .tsv or .parquet files (got {path!r})")
+            require(path.endswith(DATA_FILE_TYPES),
+                    f"--data_files takes {', '.join(DATA_FILE_TYPES)} files (got {path!r})")
 
     def with_autos_from(self, saved):
         """This config with each field left at auto taking its value in `saved` (a checkpoint's config dict)."""

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from batching import TranslationDataset
+from config import DATA_FILE_TYPES
 from errors import RunError
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
@@ -49,6 +50,9 @@ def _usable_pairs(rows, src, tgt, origin, strict=False):
     pairs, wheres, dropped = [], [], 0
     for where, row in rows:
         pair = _pair_from_row(row, src, tgt)
+        if pair is not None and not all(map(_is_text, pair)):
+            raise RunError(f"{where}: holds a lone surrogate escape (such as \\ud800), which is not text; "
+                           "fix or remove the line")
         if pair is None and strict:
             raise RunError(f"{where}: needs a non-empty {src!r} source and {tgt!r} reference")
         if pair is None:
@@ -73,24 +77,35 @@ def _pair_from_row(row, src, tgt):
     return (source, target) if source and target else None
 
 
+def _is_text(text):
+    """Whether a string can be written as UTF-8: JSON's "\\ud800" escape decodes to a lone surrogate, which cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_rows(path, src, tgt):
+    if not path.endswith(DATA_FILE_TYPES):
+        raise RunError(f"{path}: expected a {', '.join(DATA_FILE_TYPES)} file (opus_books rows, or "
+                       "source<TAB>target for .tsv)")
     if os.path.isdir(path):
-        raise RunError(f"{path} is a directory; --data_files takes .jsonl, .tsv or .parquet files")
+        raise RunError(f"{path} is a directory; name the {', '.join(DATA_FILE_TYPES)} files in it")
     if not os.path.isfile(path):
         raise RunError(f"data file not found: {path}")
     if path.endswith(".parquet"):
-        import datasets  # slow to import; only the hub and Parquet need it
-        try:
-            rows = datasets.load_dataset("parquet", data_files=[path], split="train")
-        except Exception as error:
-            raise RunError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
-        yield from ((f"{path} row {number}", row) for number, row in enumerate(rows, 1))
+        yield from _parquet_rows(path)
         return
     try:
         file = open(path, "rb")  # decoded line by line, so an encoding error names its line
     except OSError as error:
         raise RunError(f"cannot read {path}: {error.strerror}") from None
     with file:
+        if path.endswith(".json") and file.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            yield from _json_array_rows(path, file)
+            return
+        file.seek(0)
         for number, raw in enumerate(file, 1):
             where = f"{path}:{number}"
             try:  # a UTF-8 byte-order mark is accepted, and so are Windows line endings
@@ -114,6 +129,31 @@ def _read_rows(path, src, tgt):
                     raise RunError(f"{where}: malformed JSON (nested too deeply)") from None
 
 
+def _json_array_rows(path, file):
+    """A .json file holding one array of rows (what datasets' json loader also reads), rather than JSON lines."""
+    file.seek(0)
+    try:
+        rows = json.loads(file.read().decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise RunError(f"{path}: not UTF-8 (at byte {error.start}); convert the file to UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise RunError(f"{path}: malformed JSON ({getattr(error, 'msg', 'nested too deeply')}, line "
+                       f"{getattr(error, 'lineno', '?')})") from None
+    yield from ((f"{path} item {number}", row) for number, row in enumerate(rows, 1))
+
+
+def _parquet_rows(path):
+    """Rows of a Parquet file, read as it is now: the datasets library would serve a cached copy of a file
+    replaced under the same path and modification time."""
+    import pyarrow.parquet  # installed with datasets
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RunError(f"{path}: not a readable Parquet file ({reason})") from None
+    yield from ((f"{path} row {number}", row) for number, row in enumerate(rows, 1))
+
+
 def _hub_rows(name, src, tgt):
     import datasets
     import huggingface_hub
@@ -131,11 +171,13 @@ def _hub_rows(name, src, tgt):
                        '{"translation": {"en": ..., "fr": ...}} lines') from None
 
 
-def split_pairs(pairs, val_fraction, seed):
-    """Seeded split: the same pairs and seed always give the same train/validation sets."""
+def split_pairs(pairs, val_fraction, seed, max_val_pairs=0):
+    """Seeded split: the same pairs and seed always give the same train/validation sets. Validation takes
+    val_fraction of the pairs, at most max_val_pairs of them (0: no cap)."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(len(pairs) * val_fraction))
+    n_val = min(n_val, max_val_pairs) if max_val_pairs else n_val
     if n_val >= len(pairs):
         raise RunError(f"{len(pairs)} pairs are too few to split off a validation set; add data")
     return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
@@ -219,7 +261,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
     """Load, split, tokenize and filter. Pass `tokenizers` (from a checkpoint) to skip training them."""
     pairs, dropped = load_pairs(cfg)
     log(f"data: {len(pairs):,} pairs ({dropped:,} rows dropped: missing, empty or non-string side)")
-    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_pairs)
     train_pairs = without_validation_pairs(train_pairs, val_pairs, log)
     src_tokenizer, tgt_tokenizer = tokenizers or train_tokenizers(train_pairs, cfg)
     ids = special_ids(tgt_tokenizer)

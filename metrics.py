@@ -1,5 +1,6 @@
 """How good a set of translations is: corpus BLEU and chrF (sacrebleu), character and word error rates
-(torchmetrics), all on detokenized text. train.py scores validation with it, translate.py --eval a file."""
+(torchmetrics), all on detokenized text. train.py scores validation with it, translate.py --eval a file. And how
+close training runs to the hardware's limit."""
 
 
 def score(hypotheses, references):
@@ -10,3 +11,8 @@ def score(hypotheses, references):
             "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score,
             "cer": float(char_error_rate(hypotheses, references)),
             "wer": float(word_error_rate(hypotheses, references))}
+
+
+def fraction_of_peak(trainer, tokens_per_sec):
+    """Achieved matmul FLOP/s over the measured peak (model FLOPs utilisation), or None where unmeasured."""
+    return tokens_per_sec * trainer.flops_per_token / trainer.peak_flops if trainer.peak_flops else None

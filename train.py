@@ -6,12 +6,14 @@ Read top to bottom, it is the outline of a run: evaluation, the trainer, the one
 main(). The step itself is step.py's, the time budget budget.py's. For bench.py: `build_trainer`, `Trainer` and
 `training_steps` (the loop).
 """
+import contextlib
 import dataclasses
 import functools
 import itertools
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -25,50 +27,19 @@ import dataset
 from averaging import WeightAverage
 from budget import budget_spent, calibrate, end_schedule_here, epoch_limit, refit_schedule
 from config import AUTO_VALUES, MODEL_FIELDS, Config
-from errors import RunError, one_line_errors
-from metrics import score
-from model import Transformer, translate
-from runtime import (CPU_PROBE_SIZE, Precision, amp_dtype, any_rank, autocast, catch_stop_signals, graph_obstacle,
-                     pad_multiple, peak_flops, resolve_autos, running_loader, setup_distributed)
-from step import GraphedStep, Schedule, compute_loss, eager_step, make_optimizer
+from errors import RunError, explain_failure, one_line_errors
+from evaluation import EvaluationFailed, end_interval, evaluation_due, evaluation_interval
+from metrics import fraction_of_peak
+from model import Transformer
+from runtime import (CPU_PROBE_SIZE, Precision, amp_dtype, any_rank, catch_stop_signals, graph_obstacle, pad_multiple,
+                     peak_flops, resolve_autos, running_loader, setup_distributed)
+from step import GraphedStep, Schedule, eager_step, make_optimizer
 
 UNSIZED_STEPS = 10 ** 9  # the schedule's length until --max_minutes has sized it (no epoch limit)
+COUNTED_EPOCHS = 50  # epochs whose batches build_trainer counts; later ones are assumed as long as their mean
 clock = time.perf_counter  # every duration train.py measures; tests inject their own
 # GradScaler starts at 2**16; after this many skips in a row it is below 2**-8: fp16 then counts against nan_patience
 FP16_SCALE_HALVINGS = 24
-
-
-# ---------------------------------------------------------------- validation
-
-@torch.no_grad()
-def evaluate(model, data, cfg, precision):
-    """Teacher-forced loss on the whole validation split, then BLEU/chrF/CER/WER on translated sentences."""
-    device, dtype = precision
-    model.eval()
-    pad_id = data.ids["pad"]
-    loader = batching.make_loader(data.val, batching.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg, pad_id,
-                                  device)
-    loss_sum, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
-    with running_loader(loader) as batches:
-        for batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(device, dtype):
-                logits = model(batch["src"], batch["tgt_in"])
-            loss_sum += compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing)
-            n_tokens += (batch["labels"] != pad_id).sum()
-    n = min(cfg.n_eval_sentences, len(data.val))
-    with autocast(device, dtype):
-        outputs = translate(model, data.val.src_ids[:n], data.ids["sos"], data.ids["eos"], cfg.beam,
-                            cfg.length_penalty, cfg.max_len_a, cfg.max_len_b)
-    hypotheses = [dataset.decode(data.tgt_tokenizer, ids, cfg.tokenizer == "word") for ids in outputs]
-    references = [target for _, target in data.val_pairs[:n]]
-    model.train()
-    metrics = {"val_loss": float(loss_sum) / max(1, int(n_tokens))}
-    if n:
-        metrics.update(score(hypotheses, references))
-    examples = [(data.val_pairs[i][0], references[i], hypotheses[i]) for i in range(min(2, n))]
-    return metrics, examples
-
 
 # ---------------------------------------------------------------- the loop
 
@@ -143,10 +114,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
              if cfg.batch_shape == "fixed" else None)
     sampler = batching.make_sampler(cfg, data.train.lengths(), rank, world_size, shape=shape)
     epochs = epoch_limit(cfg)
-    steps_per_epoch = []
-    for epoch in range(epochs if epochs < math.inf else 1):
-        sampler.set_epoch(epoch)
-        steps_per_epoch.append(-(-len(sampler) // cfg.accum_steps))
+    steps_per_epoch = count_steps(sampler, epochs, cfg.accum_steps, cfg.max_steps)
     # without an epoch limit --max_minutes sizes the run; until it has, the run is as long as it may be
     total_steps = sum(steps_per_epoch) if epochs < math.inf else UNSIZED_STEPS
     total_steps = min(cfg.max_steps, total_steps) if cfg.max_steps else total_steps
@@ -181,6 +149,21 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     return trainer, progress
 
 
+def count_steps(sampler, epochs, accum_steps, max_steps):
+    """Optimizer steps per epoch, for the schedule's length: every epoch's count up to COUNTED_EPOCHS (a token
+    budget gives each epoch its own), the mean of those for the rest; only as many as --max_steps needs."""
+    counts = []
+    for epoch in range(min(epochs, COUNTED_EPOCHS) if epochs < math.inf else 1):
+        sampler.set_epoch(epoch)
+        counts.append(-(-len(sampler) // accum_steps))
+        if max_steps and sum(counts) >= max_steps:
+            return counts
+    sampler.set_epoch(0)
+    if epochs < math.inf and epochs > len(counts):
+        counts += [round(sum(counts) / len(counts))] * int(epochs - len(counts))
+    return counts
+
+
 def cuda_graph_status(trainer):
     """Whether this trainer's steps replay as a CUDA graph: "captured", "failed: <reason>", "not yet captured",
     or "off: <why not>" (runtime.graph_obstacle)."""
@@ -203,10 +186,11 @@ def training_steps(trainer, batches):
         yield group, *step
 
 
-def train_epoch(trainer, progress, sums, stop_signal, writer, batches, bar):
-    """Train from progress.batch_in_epoch to the end of the epoch (or of the schedule, or a stop signal), taking
-    this epoch's batches from `batches`, the run's loader, and counting steps on `bar`, the run's. Returns the
-    epoch's running sums and whether a signal interrupted it."""
+def train_interval(trainer, progress, sums, stop_signal, writer, batches, bar):
+    """Train from progress.batch_in_epoch until the epoch ends, an evaluation falls due (evaluation_interval), the
+    schedule ends or a stop signal comes, taking batches from `batches`, the run's loader, and counting steps on
+    `bar`, the run's. Returns the running sums since the last evaluation and why it stopped: "epoch" (its end),
+    "schedule" (the schedule's, within the epoch), "evaluation" or "signal"."""
     cfg, (device, _), is_main = trainer.cfg, trainer.precision, trainer.rank == 0
     pad_id = trainer.data.ids["pad"]
     trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
@@ -217,10 +201,10 @@ def train_epoch(trainer, progress, sums, stop_signal, writer, batches, bar):
     started = clock()
     of_epochs = f"/{epoch_limit(cfg)}" if epoch_limit(cfg) < math.inf else ""
     bar.set_description(f"epoch {progress.epoch + 1}{of_epochs}")
-    interrupted, lr = False, 0.0
+    ending, lr, epoch_batches = "epoch", 0.0, len(trainer.sampler.batches())
     patience = cfg.nan_patience + (FP16_SCALE_HALVINGS if trainer.scaler.is_enabled() else 0)
     steps = training_steps(trainer, batches) if progress.step < progress.total_steps else ()
-    for group, step_loss, step_tokens, verdicts, lr in steps:
+    for group, step_loss, step_tokens, verdicts, lr in stoppable(steps, stop_signal):
         real_tokens += sum(int((b["src"] != pad_id).sum() + (b["labels"] != pad_id).sum()) for b in group)
         loss_sum += step_loss
         n_tokens += step_tokens
@@ -241,23 +225,65 @@ def train_epoch(trainer, progress, sums, stop_signal, writer, batches, bar):
             for name, value in (("loss", loss), ("lr", lr), ("tokens_per_sec", rate)):
                 writer.add_scalar(f"train/{name}", value, progress.step)
         # one process checks every step for free; ranks agree by an all-reduce, so only now and then
+        due = False
         if trainer.world_size == 1 or progress.step % cfg.log_every == 0:
             out_of_time = budget_spent(cfg, progress.train_seconds + clock() - started)
-            interrupted, out_of_time = any_rank([bool(stop_signal), out_of_time], trainer.world_size, device)
+            due = seconds_before + clock() - started >= evaluation_interval(cfg)
+            interrupted, out_of_time, due = any_rank([bool(stop_signal), out_of_time, due], trainer.world_size,
+                                                     device)
             if out_of_time:
-                end_schedule_here(progress, bar.write if is_main else lambda message: None)
+                end_schedule_here(progress, say if is_main else lambda message: None)
                 bar.total = progress.total_steps
             if interrupted:
+                ending = "signal"
                 break
         if progress.step >= progress.total_steps:
             break
+        if due and progress.batch_in_epoch < epoch_batches:  # at the epoch's last step, its end evaluates
+            ending = "evaluation"
+            break
+    if ending == "epoch" and progress.batch_in_epoch < epoch_batches:  # the schedule ended within the epoch
+        ending = "schedule"
+    if stop_signal:  # one that came after the last check, or that cut a step short (stoppable)
+        ending = "signal"
     skipped += count_skips(trainer, trainer.schedule.settle(), patience, progress.step)
     seconds = clock() - started
     progress.elapsed_seconds += seconds
     progress.train_seconds += seconds
     sums = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
             "seconds": seconds_before + seconds, "skipped": skipped, "lr": lr}
-    return sums, interrupted
+    return sums, ending
+
+
+def stoppable(steps, stop_signal):
+    """The steps, until one raises after a stop signal came: torch.compile's C++ build runs in child processes,
+    which the signal kills too. The run then stops as at any signal, in the state of before that step (a compile
+    fails before the step runs)."""
+    try:
+        yield from steps
+    except Exception:
+        if not stop_signal:
+            raise
+
+
+def say(message):
+    """Log a line on stdout, above the progress bar. A stdout that fails (a reader that closed the pipe, a full
+    disk) must not end the run or lose it: the log goes on, on stderr."""
+    global log_file
+    try:
+        tqdm.write(message, file=log_file or sys.stdout)
+        (log_file or sys.stdout).flush()
+    except (OSError, AttributeError) as error:  # AttributeError: started with stdout closed, sys.stdout is None
+        if sys.stdout is not None:  # nothing left in its buffer may be flushed again at exit (a traceback)
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        log_file = sys.stderr
+        tqdm.write(f"warning: standard output failed ({getattr(error, 'strerror', None) or 'closed'}); the log "
+                   "goes on here, and training goes on", file=log_file)
+        tqdm.write(message, file=log_file)
+
+
+log_file = None  # where say() writes once stdout has failed
 
 
 def run_bar(progress, is_main):
@@ -273,11 +299,6 @@ def logged(step, log_every):
     return step % log_every == 0 or (step < log_every and step & (step - 1) == 0)
 
 
-def fraction_of_peak(trainer, tokens_per_sec):
-    """Achieved matmul FLOP/s over the measured peak (model FLOPs utilisation), or None where unmeasured."""
-    return tokens_per_sec * trainer.flops_per_token / trainer.peak_flops if trainer.peak_flops else None
-
-
 def count_skips(trainer, verdicts, patience, step):
     """How many of these update verdicts were skips; stop after `patience` in a row."""
     skips = 0
@@ -290,41 +311,33 @@ def count_skips(trainer, verdicts, patience, step):
     return skips
 
 
-def evaluation_due(cfg, progress, sums):
-    """At an epoch's end: evaluate (and save) at the run's end or after --eval_every_minutes of training (auto:
-    every epoch, or ten times in --max_minutes), so short epochs (a GPU's) do not spend more time evaluating."""
-    interval = cfg.eval_every_minutes or cfg.max_minutes / 10
-    return (progress.epoch >= epoch_limit(cfg) or progress.step >= progress.total_steps or
-            budget_spent(cfg, progress.train_seconds) or sums["seconds"] >= interval * 60)
-
-
-def end_interval(trainer, progress, sums, log):
-    """Combine the ranks' sums since the last evaluation, evaluate on rank 0, append the metrics line."""
-    device = trainer.precision.device
-    loss_sum, n_tokens, real_tokens = sums["loss"], sums["tokens"], sums["real_tokens"]
+def evaluate_and_save(trainer, progress, sums, best, paths, writer, log):
+    """At an evaluation: refit --max_minutes' schedule, evaluate, save last.pt (and best.pt when it is the best so
+    far), rewrite metrics.jsonl. An evaluation that fails saves the training first. Returns the best line."""
+    cfg, is_main = trainer.cfg, trainer.rank == 0
+    if cfg.max_minutes and progress.calibrated:
+        last_evaluated = progress.history[-1]["step"] if progress.history else 0
+        refit_schedule(trainer, progress, progress.step - last_evaluated, sums["seconds"], log)
+    try:
+        line = end_interval(trainer, progress, sums, log, clock)
+    except EvaluationFailed as error:
+        ckpt.save(training_state(trainer, progress, sums), paths["last.pt"], is_main)
+        raise RunError(f"evaluation at step {progress.step} failed ({error}); {paths['last.pt']} holds the "
+                       "training up to it; fix the evaluation flags (--beam, --length_penalty, --max_len_a/b, "
+                       "--n_eval_sentences) and continue with --resume auto") from None
+    ckpt.save(training_state(trainer, progress, new_epoch_sums()), paths["last.pt"], is_main)
+    if is_main:
+        if best is None or ckpt.best_first(line) < ckpt.best_first(best):
+            best = line
+            ckpt.copy_atomic(paths["last.pt"], paths["best.pt"])
+        ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
+        for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak"):
+            if line.get(name) is not None:
+                writer.add_scalar(f"eval/{name}", line[name], progress.step)
+        writer.flush()
     if trainer.world_size > 1:
-        totals = torch.tensor([loss_sum, n_tokens, real_tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        loss_sum, n_tokens, real_tokens = float(totals[0]), int(totals[1]), int(totals[2])
-    started = clock()
-    metrics = {}
-    if trainer.rank == 0:
-        metrics, examples = evaluate(trainer.translator, trainer.data, trainer.cfg, trainer.precision)
-        for source, reference, hypothesis in examples:
-            log(f"  source:      {source}\n  reference:   {reference}\n  translation: {hypothesis}")
-    eval_seconds = clock() - started
-    progress.elapsed_seconds += eval_seconds
-    tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
-    line = {"epoch": progress.epoch, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens),
-            "weights": "raw" if trainer.average is None else "ema", **metrics,
-            "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
-            "fraction_of_peak": fraction_of_peak(trainer, tokens_per_sec),
-            "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,
-            "elapsed_seconds": progress.elapsed_seconds, "skipped_steps": sums["skipped"]}
-    progress.history.append(line)
-    log(f"epoch {progress.epoch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                for k, v in line.items() if k != "epoch"))
-    return line
+        dist.barrier()
+    return best
 
 
 # ---------------------------------------------------------------- the run
@@ -338,6 +351,11 @@ def main(argv=None):
             run(cfg, rank, world_size, device)
     except KeyboardInterrupt:  # Ctrl-C before training starts; once it has, a stop saves (catch_stop_signals)
         raise SystemExit("interrupted during set-up, before any training: nothing was saved") from None
+    except (RuntimeError, MemoryError) as error:
+        explained = explain_failure(error, rank, world_size, os.path.join(cfg.run_dir, "last.pt"))
+        if explained is None:
+            raise
+        raise explained from None
     finally:
         if world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -346,10 +364,11 @@ def main(argv=None):
 def run(cfg, rank, world_size, device):
     """The outline of a run: set-up, resume, epochs (train, evaluate, save)."""
     is_main = rank == 0
-    log = tqdm.write if is_main else (lambda message: None)  # above the progress bar, not through it
+    log = say if is_main else (lambda message: None)
     precision = Precision(device, amp_dtype(cfg.amp, device))
     paths = {name: os.path.join(cfg.run_dir, name) for name in ("last.pt", "best.pt", "metrics.jsonl")}
     checkpoint, resume_path, cfg = ckpt.load_for_resume(cfg, paths["last.pt"], world_size, log)
+    ckpt.claim_run_dir(cfg.run_dir, resume_path, cfg.overwrite, is_main)
     cfg = resolve_autos(cfg, device)  # a resumed run's autos are its checkpoint's values already
     tokenizers = ckpt.tokenizers_of(checkpoint, resume_path) if checkpoint else None
     data = dataset.prepare_shared_data(cfg, tokenizers, is_main, world_size, log)
@@ -375,13 +394,13 @@ def run(cfg, rank, world_size, device):
                                   trainer.sampler.epochs_from(progress.epoch, progress.batch_in_epoch))
     with running_loader(loader) as batches, run_bar(progress, is_main) as bar:
         while progress.epoch < epoch_limit(cfg) and progress.step < progress.total_steps:
-            # a signal that came during the last evaluation, or a budget spent by the epoch's last steps
+            # a signal that came during the last evaluation, or a budget spent by the last interval's steps
             stop, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)], world_size,
                                          device)
             if stop:
-                if partial["seconds"]:  # epochs trained since the last evaluation are saved too
+                if partial["seconds"]:  # training since the last evaluation is saved too
                     ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
-                log(f"stopped after epoch {progress.epoch}; {paths['last.pt']} holds it; continue with --resume auto")
+                log(f"stopped at step {progress.step}; {paths['last.pt']} holds it; continue with --resume auto")
                 raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
             if out_of_time:
                 end_schedule_here(progress, log)
@@ -389,37 +408,21 @@ def run(cfg, rank, world_size, device):
                 ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
                 saved = True
                 break
-            sums, interrupted = train_epoch(trainer, progress, partial, stop_signal, writer, batches, bar)
-            if interrupted:
+            sums, ending = train_interval(trainer, progress, partial, stop_signal, writer, batches, bar)
+            if ending == "signal":
                 ckpt.save(training_state(trainer, progress, sums), paths["last.pt"], is_main)
                 log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
                     f"saved {paths['last.pt']}; continue with --resume auto")
                 if world_size > 1:
                     dist.barrier()
                 raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
-            progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            if not evaluation_due(cfg, progress, sums):
-                partial = sums  # the next metrics line covers this epoch too
+            if ending == "epoch":
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            if not evaluation_due(cfg, progress, sums, ending):
+                partial = sums  # the next metrics line covers this stretch too
                 continue
-            if cfg.max_minutes and progress.calibrated:
-                last_evaluated = progress.history[-1]["step"] if progress.history else 0
-                refit_schedule(trainer, progress, progress.step - last_evaluated, sums["seconds"], log)
-                bar.total = progress.total_steps
-            line = end_interval(trainer, progress, sums, log)
-            partial = new_epoch_sums()
-            ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
-            saved = True
-            if is_main:
-                if best is None or ckpt.best_first(line) < ckpt.best_first(best):
-                    best = line
-                    ckpt.copy_atomic(paths["last.pt"], paths["best.pt"])
-                ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
-                for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak"):
-                    if line.get(name) is not None:
-                        writer.add_scalar(f"epoch/{name}", line[name], progress.epoch)
-                writer.flush()
-            if world_size > 1:
-                dist.barrier()
+            best = evaluate_and_save(trainer, progress, sums, best, paths, writer, log)
+            partial, saved, bar.total = new_epoch_sums(), True, progress.total_steps  # a refit may resize it
     if not saved and resume_path != paths["last.pt"]:  # a finished run resumed into another --run_dir
         ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
     if writer:

@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import signal
 import sys
 import time
 
@@ -18,7 +20,7 @@ import torch
 
 import dataset
 from checkpoint import config_of, load_checkpoint, tokenizers_of
-from config import MODEL_FIELDS, OneLineParser
+from config import MAX_LENGTH_PENALTY, MODEL_FIELDS, UPPER_BOUNDS, OneLineParser
 from errors import RunError, one_line_errors
 from metrics import score
 from model import Transformer, int8_linear_layers, translate
@@ -30,14 +32,24 @@ def load_translator(path, device):
     checkpoint = load_checkpoint(path, map_location=device)
     cfg = config_of(checkpoint, path)
     src_tokenizer, tgt_tokenizer = tokenizers_of(checkpoint, path)
+    def build():
+        return Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
+                           dataset.special_ids(tgt_tokenizer)["pad"], **{name: getattr(cfg, name) for name in MODEL_FIELDS})
+
+    with torch.device("meta"):  # shapes only, no memory: an edited config must not allocate a model of its size
+        expected = {name: tuple(tensor.shape) for name, tensor in build().state_dict().items()}
+    saved = {name: tuple(tensor.shape) for name, tensor in checkpoint["model"].items() if torch.is_tensor(tensor)}
+    if saved != expected:
+        name = next((name for name in expected if saved.get(name) != expected[name]), None) or next(iter(saved))
+        shape = "x".join(map(str, saved[name])) if name in saved else "missing"
+        raise RunError(f"{path}: its weights do not match the model its config describes ({name}: {shape} in the "
+                       f"file, {'x'.join(map(str, expected.get(name, ()))) or 'none'} by the config); the "
+                       "checkpoint is damaged or was edited")
     try:
-        model = Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
-                            dataset.special_ids(tgt_tokenizer)["pad"], **{name: getattr(cfg, name)
-                                                                          for name in MODEL_FIELDS})
+        model = build()
         model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, ValueError, TypeError):
-        raise RunError(f"{path}: its weights do not match the model its config describes; "
-                       "the checkpoint is damaged or was edited") from None
+    except (MemoryError, RuntimeError) as error:
+        raise RunError(f"{path}: cannot load its model ({str(error).splitlines()[0][:120]})") from None
     return model.to(device).eval(), src_tokenizer, tgt_tokenizer, dataclasses.asdict(cfg)
 
 
@@ -65,6 +77,24 @@ def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam
     for i, output in zip(todo, outputs):
         results[i] = dataset.decode(tgt_tokenizer, output, word_level)
     return results
+
+
+def write_output(lines):
+    """Print lines on stdout as command-line tools do: a reader that closed the pipe (`| head -1`) ends the run
+    quietly, a failed write (a full disk) or a closed stdout is one line, and either exits non-zero."""
+    if sys.stdout is None:  # started with stdout closed (`>&-`)
+        raise RunError("standard output is closed; redirect it to a file instead")
+    try:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # what is still buffered must not be flushed again at exit, which would print a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE) from None
+    except OSError as error:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise RunError(f"could not write to standard output: {error.strerror}") from None
 
 
 def read_stdin_lines():
@@ -101,10 +131,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.beam < 1 or args.max_len < 0 or args.max_tokens < 1:
         parser.error("--beam and --max_tokens must be at least 1 and --max_len not negative")
+    for name, bound in (("beam", UPPER_BOUNDS["beam"]), ("max_len", UPPER_BOUNDS["max_positions"]),
+                        ("max_len_b", UPPER_BOUNDS["max_len_b"]), ("max_tokens", UPPER_BOUNDS["max_tokens"])):
+        if (getattr(args, name) or 0) > bound:
+            parser.error(f"--{name} must be at most {bound:,} (got {getattr(args, name):,})")
     for name in ("length_penalty", "max_len_a", "max_len_b"):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             parser.error(f"--{name} must be a finite number, not negative (got {value})")
+    if args.length_penalty > MAX_LENGTH_PENALTY:
+        parser.error(f"--length_penalty must be at most {MAX_LENGTH_PENALTY:g} (got {args.length_penalty:g})")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -129,15 +165,19 @@ def main(argv=None):
             hypotheses = translate_texts([s for s, _ in pairs], model, src_tokenizer, tgt_tokenizer, word_level,
                                          names=wheres, **options)
         seconds = time.time() - started
-        print(json.dumps({"n": len(pairs), **score(hypotheses, [t for _, t in pairs]),
-                          "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,
-                          "amp": str(dtype or "off").removeprefix("torch."), "int8": args.int8}))
+        write_output([json.dumps({"n": len(pairs), **score(hypotheses, [t for _, t in pairs]),
+                                  "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,
+                                  "amp": str(dtype or "off").removeprefix("torch."), "int8": args.int8})])
         return
     texts = args.texts or read_stdin_lines()
+    for number, text in enumerate(args.texts, 1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
+            raise RunError(f"argument {number} is not UTF-8 text; convert it, or pass the text on stdin") from None
     with precision:
         translations = translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, **options)
-    for line in translations:
-        print(line)
+    write_output(translations)
 
 
 if __name__ == "__main__":

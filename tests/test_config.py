@@ -53,7 +53,7 @@ def test_flags_are_derived_from_fields():
     (["--d_model", "big"], "argument --d_model: invalid int value"),
     (["--compile", "maybe"], "expected true or false"),
     (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag"),
-    (["--data_files", "pairs.csv"], "--data_files takes .jsonl, .tsv or .parquet"),
+    (["--data_files", "pairs.csv"], "--data_files takes .jsonl, .json, .tsv, .parquet"),
     (["--batching", "sorted"], "argument --batching: invalid choice: 'sorted'"),
     (["--max_positions", "160", "--max_src_tokens", "150", "--max_len_diff", "10"],
      "--max_positions must exceed --max_src_tokens + --max_len_diff"),

@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import threading
 from collections import Counter
@@ -96,6 +97,30 @@ def test_parquet_goes_through_the_same_rows(tmp_path):
     parquet.write_table(pyarrow.Table.from_pylist(
         [{"id": "0", "translation": {"en": "Hello.", "fr": "Bonjour."}}]), path)
     assert dataset.read_pairs([path], "en", "fr")[0] == [("Hello.", "Bonjour.")]
+
+
+def test_a_parquet_file_replaced_under_the_same_name_and_time_is_read_afresh(tmp_path):
+    """The datasets library's cache is keyed on path and modification time: it served the old rows."""
+    pyarrow = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    path = str(tmp_path / "pairs.parquet")
+    for source in ("Hello.", "Goodbye."):
+        parquet.write_table(pyarrow.Table.from_pylist([{"translation": {"en": source, "fr": "Mot."}}]), path)
+        os.utime(path, ns=(10 ** 18, 10 ** 18))
+        assert dataset.read_pairs([path], "en", "fr")[0] == [(source, "Mot.")]
+
+
+def test_a_json_file_may_hold_one_array_of_rows(tmp_path):
+    path = tmp_path / "pairs.json"
+    path.write_text('\ufeff [{"translation": {"en": "Hi.", "fr": "Salut."}},\n {"translation": {"en": "No."}}]')
+    assert dataset.read_pairs([str(path)], "en", "fr") == ([("Hi.", "Salut.")], 1)
+
+
+def test_validation_is_capped_and_the_rest_trains():
+    pairs = [(str(i), str(i)) for i in range(1000)]
+    train, val = dataset.split_pairs(pairs, 0.1, seed=1, max_val_pairs=30)
+    assert len(val) == 30 and len(train) == 970
+    assert val == dataset.split_pairs(pairs, 0.1, seed=1)[1][:30]  # the first of the uncapped split's pairs
 
 
 def test_split_is_seeded_and_stable():

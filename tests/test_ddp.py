@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -107,3 +108,23 @@ def test_two_processes_agree_on_a_time_budget_and_its_refits(tmp_path):
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["calibrated"] and checkpoint["step"] == checkpoint["total_steps"]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_killed_peer_is_one_line_on_the_survivor(tmp_path):
+    """kill -9 of one rank while both train: the other's collective fails; it says so in one line, with no
+    traceback of its own (torchrun's report of the killed process follows, as torchrun writes it)."""
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                "--master_port", str(free_port()), os.path.join(ROOT, "train.py"),
+                                *tiny_args(tmp_path, "--epochs", "1000")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while not process.stdout.readline().startswith("step "):  # an evaluation: both ranks are in the loop
+            assert process.poll() is None, process.stderr.read()[-3000:]
+        ranks = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(max(ranks, key=int)), signal.SIGKILL)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0 and not [line for line in stderr.splitlines()
+                                            if line.startswith("[rank") and "Traceback" in line], stderr[-3000:]
+    assert "lost contact with another process of this run" in stderr and "--resume auto" in stderr

@@ -1,6 +1,6 @@
 """Every user mistake or environmental fault ends in one line on stderr, a non-zero exit and no traceback."""
-import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -8,10 +8,13 @@ import time
 import pytest
 import torch
 
+import batching
 import checkpoint
 import dataset
+import runtime
 import step
 import train
+from config import Config
 from conftest import FIXTURE, ROOT, run_script, tiny_args
 from test_train import read_metrics
 
@@ -84,24 +87,6 @@ def test_stdin_that_is_not_utf8_names_its_line(checkpoint):
     assert_one_line_error(result, "standard input line 2 is not UTF-8")
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    train.main(tiny_args(tmp_path, "--epochs", "2", "--max_steps", "7"))
-    before = (tmp_path / "last.pt").read_bytes()
-    real_save = torch.save
-
-    def full_disk(state, path):
-        real_save({"half": torch.zeros(10)}, path)  # something got written, then the disk filled up
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(SystemExit) as stop:
-        train.main(tiny_args(tmp_path, "--epochs", "2", "--max_steps", "7"))
-    message = str(stop.value)
-    assert "could not write" in message and "No space left on device" in message
-    assert "the previous last.pt is intact" in message and "free some disk space" in message
-    assert (tmp_path / "last.pt").read_bytes() == before and not (tmp_path / "last.pt.tmp").exists()
-
-
 def test_a_live_run_locks_its_run_dir_until_it_dies(tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *tiny_args(run_dir, "--epochs", "1000")],
@@ -114,7 +99,7 @@ def test_a_live_run_locks_its_run_dir_until_it_dies(tmp_path):
                               f"--run_dir {run_dir} is in use by another running train.py")
         first.kill()  # kill -9: no clean-up runs, the OS drops the lock
         first.wait()
-        result = run_script("train.py", *tiny_args(run_dir, "--epochs", "1"))
+        result = run_script("train.py", *tiny_args(run_dir, "--epochs", "1", "--overwrite", "true"))
         assert result.returncode == 0, result.stderr
     finally:
         first.kill()
@@ -285,3 +270,112 @@ def test_a_time_budget_on_a_run_shorter_than_its_timing_window_ends_the_run(tmp_
     train.main(tiny_args(tmp_path, "--max_minutes", "5", "--epochs", "1", "--max_tokens", "0", "--batch_size", "200"))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=True)
     assert checkpoint["step"] == checkpoint["total_steps"] == 2 and checkpoint["calibrated"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--length_penalty", "1e300", "--beam", "2"], "--length_penalty must be at most 10"),
+    (["--beam", "100000"], "--beam must be at most 128"),
+])
+def test_translate_refuses_options_beyond_their_bounds(checkpoint, flags, message):
+    assert_one_line_error(run_script("translate.py", "--checkpoint", checkpoint, *flags, "Hello."), message)
+
+
+def test_translate_into_a_closed_pipe_exits_quietly(checkpoint):
+    """`translate.py ... | head -1`: the reader leaves after one line; the rest of the output has nowhere to go."""
+    lines = "\n".join(["I am tired.", "Where is the station?"] * 2000) + "\n"
+    shell = (f"{sys.executable} translate.py --checkpoint {checkpoint} --max_len 2 <<'END' | head -1\n{lines}END\n"
+             "exit ${PIPESTATUS[0]}")
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, cwd=ROOT)
+    assert len(result.stdout.splitlines()) == 1 and result.stderr == "" and result.returncode == 141
+
+
+@pytest.mark.parametrize("eval_flag", [[], ["--eval", FIXTURE]])
+def test_translate_onto_a_full_device_or_a_closed_stdout_is_one_line(checkpoint, eval_flag):
+    command = f"{sys.executable} translate.py --checkpoint {checkpoint} {' '.join(eval_flag)} Hello."
+    full = subprocess.run(["bash", "-c", command + " > /dev/full"], capture_output=True, text=True, cwd=ROOT)
+    assert_one_line_error(full, "error: could not write to standard output: No space left on device")
+    closed = subprocess.run(["bash", "-c", command + " >&-"], capture_output=True, text=True, cwd=ROOT)
+    assert_one_line_error(closed, "error: standard output is closed")
+
+
+def test_a_lone_surrogate_escape_in_the_data_names_its_line(checkpoint, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"translation": {"en": "Hi.", "fr": "Salut."}}\n'
+                     '{"translation": {"en": "A \\ud800 here.", "fr": "Un ici."}}\n')
+    for result in (run_script("train.py", *tiny_args(tmp_path / "run"), "--data_files", str(pairs)),
+                   run_script("translate.py", "--checkpoint", checkpoint, "--eval", str(pairs))):
+        assert_one_line_error(result, f"{pairs}:2: holds a lone surrogate escape")
+
+
+def test_an_argument_that_is_not_utf8_is_one_line(checkpoint):
+    result = subprocess.run([sys.executable.encode(), b"translate.py", b"--checkpoint", checkpoint.encode(),
+                             b"Hello.", b"caf\xe9"], capture_output=True, text=True, cwd=ROOT)
+    assert_one_line_error(result, "argument 2 is not UTF-8 text")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("eval.txt", "Hello.\tBonjour.\n", "eval.txt: expected a .jsonl, .json, .tsv, .parquet file"),
+    ("array.json", '[{"translation": {"en": "Hi.", "fr": "Salut."}}, {"translation": {"en": 3}}]',
+     "array.json item 2: needs a non-empty 'en' source"),
+])
+def test_eval_files_are_read_by_their_kind(checkpoint, tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    assert_one_line_error(run_script("translate.py", "--checkpoint", checkpoint, "--eval", str(tmp_path / name)),
+                          message)
+
+
+def test_translate_on_a_directory_names_no_flag_it_lacks(checkpoint, tmp_path):
+    result = run_script("translate.py", "--checkpoint", str(tmp_path))
+    assert_one_line_error(result, f"{tmp_path} is a directory; name a checkpoint file in it")
+    assert "--resume" not in result.stderr
+
+
+def test_a_checkpoint_config_edited_to_a_huge_model_is_caught_before_any_allocation(checkpoint, tmp_path):
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"].update(d_model=16384, d_ff=65536, n_heads=2, n_layers=1024, n_unique_layers=1024)
+    torch.save(state, tmp_path / "huge.pt")
+    result = run_script("translate.py", "--checkpoint", str(tmp_path / "huge.pt"), "Hello.")
+    assert_one_line_error(result, "its weights do not match the model its config describes (", "x16384 by the config")
+
+
+def test_start_up_does_not_grow_with_the_epochs_a_run_will_not_reach(tmp_path, monkeypatch):
+    """--epochs 2000 --max_steps 5 plans one epoch's batches, not 2000; --epochs 100000 plans COUNTED_EPOCHS."""
+    planned = []
+    real_make = batching.BatchSampler._make_batches
+
+    def make_batches(self, epoch):
+        planned.append(epoch)
+        return real_make(self, epoch)
+
+    monkeypatch.setattr(batching.BatchSampler, "_make_batches", make_batches)
+    train.main(tiny_args(tmp_path / "a", "--epochs", "2000", "--max_steps", "5"))
+    assert len(planned) <= 3  # counting epoch 0, then the loader's epoch 0 and the plan ahead of epoch 1
+    planned.clear()
+    trainer, progress = train.build_trainer(*trainer_inputs(tmp_path / "b", "--epochs", "100000"))
+    assert len(set(planned)) == train.COUNTED_EPOCHS
+    assert progress.total_steps == pytest.approx(100000 * len(trainer.sampler), rel=0.01)
+
+
+def trainer_inputs(run_dir, *flags):
+    cfg = runtime.resolve_autos(Config.from_args(tiny_args(run_dir, *flags)), torch.device("cpu"))
+    data = dataset.prepare_data(cfg, log=lambda message: None)
+    return cfg, data, None, 0, 1, runtime.Precision(torch.device("cpu")), lambda message: None
+
+
+def test_a_step_that_fails_after_a_stop_signal_stops_the_run_as_the_signal_does(tmp_path, monkeypatch):
+    """A stop signal kills torch.compile's C++ build in child processes, and the step then raises: the run
+    saves the state of before that step and exits as for the signal, not with the compiler's traceback."""
+    real_step, calls = step.train_step, []
+
+    def step_killed_in_its_build(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("InductorError: C++ compile error (the compiler was killed)")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(step, "train_step", step_killed_in_its_build)
+    with pytest.raises(SystemExit) as stop:
+        train.main(tiny_args(tmp_path, "--epochs", "2"))
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert checkpoint.saved_step(str(tmp_path / "last.pt")) == 4

@@ -19,8 +19,8 @@ from conftest import ROOT, tiny_args
 DRIVER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import batching, runtime, step, train
-real_step, real_evaluate, real_collate = step.train_step, train.evaluate, batching.collate
+import batching, evaluation, runtime, step, train
+real_step, real_evaluate, real_collate = step.train_step, evaluation.evaluate, batching.collate
 real_start = runtime.leave_stopping_to_the_main_process
 
 def start(worker_id):
@@ -42,7 +42,7 @@ def collate(*args, **kwargs):
     time.sleep(0.02)
     return real_collate(*args, **kwargs)
 
-step.train_step, train.evaluate, batching.collate = slow_step, evaluate, collate
+step.train_step, evaluation.evaluate, batching.collate = slow_step, evaluate, collate
 runtime.leave_stopping_to_the_main_process = start
 train.main(sys.argv[1:])
 """

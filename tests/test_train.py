@@ -11,6 +11,7 @@ import batching
 import budget
 import conftest
 import dataset
+import evaluation
 import runtime
 import step
 import train
@@ -204,7 +205,7 @@ def test_truncated_checkpoint_gives_one_clear_line(tmp_path):
 def test_best_pt_holds_the_evaluation_with_the_highest_bleu(tmp_path, monkeypatch, capsys, scores, chosen):
     """The validation loss turns up while BLEU still climbs; best.pt follows BLEU, the loss breaking ties."""
     evaluations = iter(scores)
-    monkeypatch.setattr(train, "evaluate", lambda *args: (dict(next(evaluations)), []))
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args: (dict(next(evaluations)), []))
     train.main(tiny_args(tmp_path, "--epochs", "3"))
     steps = [line["step"] for line in read_metrics(tmp_path)]
     assert len(set(steps)) == 3 and torch.load(tmp_path / "best.pt", weights_only=True)["step"] == steps[chosen]
@@ -220,14 +221,14 @@ def test_non_finite_loss_stops_the_run_and_keeps_best(tmp_path, monkeypatch):
         value = real_loss(*args, **kwargs)
         return value * float("nan") if evaluated and torch.is_grad_enabled() else value
 
-    real_evaluate = train.evaluate
+    real_evaluate = evaluation.evaluate
 
     def evaluate(*args, **kwargs):
         evaluated.append(1)
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(step, "compute_loss", loss)
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     with pytest.raises(SystemExit, match=r"not finite for 3 consecutive steps \(last at step \d+\); lower --lr") as stop:
         train.main(tiny_args(tmp_path, "--epochs", "2"))
     best = torch.load(tmp_path / "best.pt", weights_only=False)
@@ -397,7 +398,7 @@ def fake_clock(monkeypatch, seconds_per_step, seconds_per_evaluation=0.0):
     """train.py's clock advances only when a step or an evaluation runs: seconds_per_step(n) for the n-th step
     of this call. Budget tests then do not depend on how fast or busy the machine is."""
     now, calls = [0.0], []
-    real_step, real_evaluate = step.train_step, train.evaluate
+    real_step, real_evaluate = step.train_step, evaluation.evaluate
 
     def patched_step(*args, **kwargs):
         calls.append(1)
@@ -410,7 +411,7 @@ def fake_clock(monkeypatch, seconds_per_step, seconds_per_evaluation=0.0):
 
     monkeypatch.setattr(train, "clock", lambda: now[0])
     monkeypatch.setattr(step, "train_step", patched_step)
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
 
 
 def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatch):
@@ -429,13 +430,13 @@ def test_max_minutes_sizes_the_schedule_and_resume_keeps_it(tmp_path, monkeypatc
     monkeypatch.undo()
     monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     fake_clock(monkeypatch, lambda n: 0.05)
-    crash_at(monkeypatch, 20, "kill")  # calibrated at step 12, saved at the end of epoch 2
+    crash_at(monkeypatch, 30, "kill")  # calibrated at step 12, saved by the evaluation due every 1.2 s (24 steps)
     with pytest.raises(Crash):
         train.main(tiny_args(tmp_path / "resumed", *args))
     monkeypatch.undo()
     monkeypatch.setattr(budget, "CALIBRATION_STEPS", (2, 12))
     sized = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert sized["calibrated"] and 12 < sized["step"] < 20 and 119 <= sized["total_steps"] <= 120
+    assert sized["calibrated"] and 24 <= sized["step"] < 30 and 119 <= sized["total_steps"] <= 120
     fake_clock(monkeypatch, lambda n: 0.05)
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
     resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
@@ -504,14 +505,14 @@ def test_max_minutes_sizes_a_run_of_slow_steps_early(tmp_path, monkeypatch):
 
 
 def test_max_minutes_spent_by_the_end_of_an_epoch_starts_no_other(tmp_path, monkeypatch, capsys):
-    real_epoch = train.train_epoch
+    real_epoch = train.train_interval
 
     def epoch_that_spends_the_budget(trainer, progress, *args):
         result = real_epoch(trainer, progress, *args)
         progress.train_seconds = 60.0
         return result
 
-    monkeypatch.setattr(train, "train_epoch", epoch_that_spends_the_budget)
+    monkeypatch.setattr(train, "train_interval", epoch_that_spends_the_budget)
     train.main(tiny_args(tmp_path, "--epochs", "3", "--max_minutes", "1"))
     checkpoint, lines = torch.load(tmp_path / "last.pt", weights_only=True), read_metrics(tmp_path)
     assert len(lines) == 1 and checkpoint["step"] == checkpoint["total_steps"] == lines[0]["step"]
@@ -571,25 +572,26 @@ def test_fused_adamw_skips_an_update_it_is_told_is_not_finite():
                    for key in a) != moved
 
 
-def test_short_epochs_are_evaluated_at_an_interval_and_resume_exactly(tmp_path, monkeypatch):
-    """Epochs of 0.4 s (8 steps of 0.05 s), evaluated every 0.6 s of training: at the ends of epochs 2, 4 and 6,
-    each metrics line covering the epochs since the last. A stop in between saves the sums of those epochs."""
+def test_evaluations_come_at_their_interval_within_and_across_epochs_and_resume_exactly(tmp_path, monkeypatch):
+    """Epochs of 0.4 s (8 steps of 0.051 s), evaluated every 0.6 s of training (12 steps; off the boundary, where the sums of two clocks' readings may round either way): in the middle of
+    epoch 2, at the end of epoch 3, and so on, each metrics line covering the steps since the last, and each
+    evaluation saving last.pt. A stop in between saves the sums since the last evaluation."""
     args = ("--epochs", "6", "--eval_every_minutes", "0.01", "--dropout", "0.2")
-    fake_clock(monkeypatch, lambda n: 0.05)
+    fake_clock(monkeypatch, lambda n: 0.051)
     train.main(tiny_args(tmp_path / "straight", *args))
     straight = read_metrics(tmp_path / "straight")
-    assert [line["epoch"] for line in straight] == [2, 4, 6]
+    assert [(line["step"], line["epoch"]) for line in straight] == [(12, 1.5), (24, 3), (36, 4.5), (48, 6)]
     steps = [0] + [line["step"] for line in straight]
-    assert [line["epoch_seconds"] for line in straight] == pytest.approx([0.05 * (b - a) for a, b in zip(steps,
+    assert [line["epoch_seconds"] for line in straight] == pytest.approx([0.051 * (b - a) for a, b in zip(steps,
                                                                                                       steps[1:])])
-    crash_at(monkeypatch, 27, "sigterm")  # in epoch 4, with epoch 3 trained since the last evaluation
+    crash_at(monkeypatch, 30, "sigterm")  # in epoch 4, 6 steps after the evaluation at the end of epoch 3
     with pytest.raises(SystemExit):
         train.main(tiny_args(tmp_path / "resumed", *args))
     monkeypatch.undo()
-    fake_clock(monkeypatch, lambda n: 0.05)
+    fake_clock(monkeypatch, lambda n: 0.051)
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
     resumed = read_metrics(tmp_path / "resumed")
-    assert [line["epoch"] for line in resumed] == [2, 4, 6]
+    assert [line["epoch"] for line in resumed] == [1.5, 3, 4.5, 6]
     for a, b in zip(straight, resumed):
         assert (a["step"], a["epoch_seconds"]) == (b["step"], pytest.approx(b["epoch_seconds"]))
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
