@@ -50,7 +50,7 @@ def _usable_pairs(rows, src, tgt, origin, strict=False):
     pairs, wheres, dropped = [], [], 0
     for where, row in rows:
         pair = _pair_from_row(row, src, tgt)
-        if pair is not None and not all(map(_is_text, pair)):
+        if pair is not None and not all(map(is_text, pair)):
             raise RunError(f"{where}: holds a lone surrogate escape (such as \\ud800), which is not text; "
                            "fix or remove the line")
         if pair is None and strict:
@@ -77,7 +77,7 @@ def _pair_from_row(row, src, tgt):
     return (source, target) if source and target else None
 
 
-def _is_text(text):
+def is_text(text):
     """Whether a string can be written as UTF-8: JSON's "\\ud800" escape decodes to a lone surrogate, which cannot."""
     try:
         text.encode("utf-8")

@@ -32,9 +32,11 @@ def load_translator(path, device):
     checkpoint = load_checkpoint(path, map_location=device)
     cfg = config_of(checkpoint, path)
     src_tokenizer, tgt_tokenizer = tokenizers_of(checkpoint, path)
+
     def build():
         return Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
-                           dataset.special_ids(tgt_tokenizer)["pad"], **{name: getattr(cfg, name) for name in MODEL_FIELDS})
+                           dataset.special_ids(tgt_tokenizer)["pad"],
+                           **{name: getattr(cfg, name) for name in MODEL_FIELDS})
 
     with torch.device("meta"):  # shapes only, no memory: an edited config must not allocate a model of its size
         expected = {name: tuple(tensor.shape) for name, tensor in build().state_dict().items()}
@@ -88,12 +90,11 @@ def write_output(lines):
         for line in lines:
             sys.stdout.write(line + "\n")
         sys.stdout.flush()
-    except BrokenPipeError:
+    except OSError as error:
         # what is still buffered must not be flushed again at exit, which would print a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(128 + signal.SIGPIPE) from None
-    except OSError as error:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(error, BrokenPipeError):
+            raise SystemExit(128 + signal.SIGPIPE) from None
         raise RunError(f"could not write to standard output: {error.strerror}") from None
 
 
@@ -170,11 +171,9 @@ def main(argv=None):
                                   "amp": str(dtype or "off").removeprefix("torch."), "int8": args.int8})])
         return
     texts = args.texts or read_stdin_lines()
-    for number, text in enumerate(args.texts, 1):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
-            raise RunError(f"argument {number} is not UTF-8 text; convert it, or pass the text on stdin") from None
+    for number, text in enumerate(args.texts, 1):  # bytes that are not UTF-8 reach argv as lone surrogates
+        if not dataset.is_text(text):
+            raise RunError(f"argument {number} is not UTF-8 text; convert it, or pass the text on stdin")
     with precision:
         translations = translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, **options)
     write_output(translations)
