@@ -99,7 +99,8 @@ def measure_loader(cfg, data, seconds):
     default's loader (fixed-shape packed batches of cfg.max_tokens, its worker processes, pinned memory where
     there is a GPU), planning and collating included, nothing trained."""
     cuda = torch.device("cuda")
-    cfg = runtime.resolve_autos(dataclasses.replace(cfg, batching="packed", batch_shape="fixed"), cuda)
+    cfg = runtime.resolve_autos(dataclasses.replace(cfg, batching="packed", batch_shape="fixed"), cuda,
+                                data.n_train_pairs)
     shape = batching.fixed_shape(data.train.lengths(), cfg.max_tokens, cfg.pack_length, runtime.pad_multiple(cfg, cuda))
     sampler = batching.make_sampler(cfg, data.train.lengths(), shape=shape)
     loader = batching.make_loader(data.train, sampler, cfg, data.ids["pad"], cuda, sampler.epochs_from(0))
@@ -286,7 +287,7 @@ def main(argv=None):
     if unknown:
         raise RunError(f"--variants: no variant {', '.join(sorted(unknown))}; choose from "
                        f"{', '.join([*variants, *LOADER_TOKENS])}")
-    resolved = runtime.resolve_autos(cfg, device)
+    resolved = runtime.resolve_autos(cfg, device, data.n_train_pairs)
     emit({"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
           "torch": torch.__version__, "threads": torch.get_num_threads(), "seconds_per_variant": args.seconds,
           "data_files": cfg.data_files, "training_pairs": len(data.train),
@@ -305,7 +306,7 @@ def main(argv=None):
             log(f"{name}: the input pipeline alone delivers {result['real_tokens_per_sec']:,.0f} real tokens/s")
             emit({"variant": name, **result})
             continue
-        variant_cfg = runtime.resolve_autos(dataclasses.replace(cfg, **variants[name]), device)
+        variant_cfg = runtime.resolve_autos(dataclasses.replace(cfg, **variants[name]), device, data.n_train_pairs)
         results[name], model = run_variant(name, variant_cfg, data, device, args.seconds, peaks,
                                            longest if name == "fixed" else None)
         emit({"variant": name, **results[name]})

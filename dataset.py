@@ -10,12 +10,13 @@ import json
 import os
 import random
 import re
+import time
 
 import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from batching import TranslationDataset
-from config import DATA_FILE_TYPES
+from config import DATA_FILE_TYPES, LARGE_DATA_PAIRS, auto_tokenizer
 from errors import RunError
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
@@ -185,11 +186,16 @@ def split_pairs(pairs, val_fraction, seed, max_val_pairs=0):
 
 # ---------------------------------------------------------------- tokenizers
 
+def tokenizer_kind(tokenizer, n_train_pairs):
+    """word or bpe: the tokenizer flag, with auto decided by the size of the training split."""
+    return auto_tokenizer(n_train_pairs) if tokenizer == "auto" else tokenizer
+
+
 def train_tokenizers(train_pairs, cfg):
     """Word mode: one WordLevel tokenizer per language. BPE mode: one joint tokenizer, returned twice."""
     sources = [source for source, _ in train_pairs]
     targets = [target for _, target in train_pairs]
-    if cfg.tokenizer == "word":
+    if tokenizer_kind(cfg.tokenizer, len(train_pairs)) == "word":
         return (_train_word(sources, cfg.min_frequency, cfg.lowercase_source),
                 _train_word(targets, cfg.min_frequency))
     tokenizer = Tokenizer(models.BPE())
@@ -255,15 +261,27 @@ class Data:
     val: TranslationDataset
     val_pairs: list  # raw (source, reference) strings of the validation split
     fingerprint: str  # digest of every loaded pair, in order
+    tokenizer: str  # word or bpe: what tokenizer=auto became
+    n_train_pairs: int  # the training split's size (before the length filters), which tokenizer=auto goes by
 
 
 def prepare_data(cfg, tokenizers=None, log=print):
     """Load, split, tokenize and filter. Pass `tokenizers` (from a checkpoint) to skip training them."""
+    seconds, started = {}, time.perf_counter()
+
+    def lap(name):  # start-up is part of every run's wall time: each phase says what it costs
+        nonlocal started
+        seconds[name], started = time.perf_counter() - started, time.perf_counter()
+
     pairs, dropped = load_pairs(cfg)
     log(f"data: {len(pairs):,} pairs ({dropped:,} rows dropped: missing, empty or non-string side)")
+    lap("load")
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_pairs)
     train_pairs = without_validation_pairs(train_pairs, val_pairs, log)
+    lap("split")
+    kind = tokenizer_kind(cfg.tokenizer, len(train_pairs))
     src_tokenizer, tgt_tokenizer = tokenizers or train_tokenizers(train_pairs, cfg)
+    lap("tokenizers")
     ids = special_ids(tgt_tokenizer)
 
     def encode_pairs(pairs):
@@ -272,6 +290,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
     train_src, train_tgt = encode_pairs(train_pairs)
     check_vocabularies(cfg, (src_tokenizer, tgt_tokenizer), (train_src, train_tgt), ids["unk"], log)
     keep = length_filter(train_src, train_tgt, cfg.max_src_tokens, cfg.max_len_diff)
+    lap("encoding")
     log(f"data: {len(keep):,} training pairs kept, {len(train_src) - len(keep):,} dropped by the length filters "
         f"(source > {cfg.max_src_tokens} tokens or target > source + {cfg.max_len_diff})")
     if not keep:
@@ -282,14 +301,20 @@ def prepare_data(cfg, tokenizers=None, log=print):
         raise RunError(f"none of the {len(val_pairs):,} validation pairs fits the model (--max_positions "
                        f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
     log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
-        f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={cfg.tokenizer}")
+        f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={kind}"
+        + (f" (auto: {len(train_pairs):,} training pairs, bpe from {LARGE_DATA_PAIRS:,})"
+           if cfg.tokenizer == "auto" else ""))
 
     def subset(src_ids, tgt_ids, indices):
         return TranslationDataset([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], ids["sos"],
                                   ids["eos"])
 
-    return Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
-                [val_pairs[i] for i in fits], fingerprint(pairs))
+    data = Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
+                [val_pairs[i] for i in fits], fingerprint(pairs), kind, len(train_pairs))
+    lap("validation")
+    log(f"data: ready in {sum(seconds.values()):.1f} s ("
+        + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()) + ")")
+    return data
 
 
 def prepare_shared_data(cfg, tokenizers, is_main, world_size, log):

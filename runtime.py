@@ -16,13 +16,14 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from config import auto_tokenizer
 from errors import RunError
 
 CPU_PROBE_SIZE = 1024  # the matrix product timed at start-up on a CPU: seconds of start-up, not minutes
 CPU_SCREEN_SIZE = 256  # a first, small product: a CPU without bf16 units is 10-30x slower there already
 PROBE_SECONDS = 1.0  # peak_flops stops repeating its product after this long (a slow dtype: after one product)
 GPU_MAX_TOKENS = 16384  # --max_tokens auto on CUDA (README: A token budget on a GPU)
-BASE_LR, BASE_LR_TOKENS = 5e-4, 2048  # --lr auto: BASE_LR up to BASE_LR_TOKENS per batch, then x sqrt(tokens / it)
+BASE_LR, BASE_LR_TOKENS = 1e-3, 2048  # --lr auto: BASE_LR up to BASE_LR_TOKENS per batch, then x sqrt(tokens / it)
 GPU_DROPOUT = 0.1  # --dropout auto on CUDA, whose runs see the data dozens of times (README: A token budget on a GPU)
 
 
@@ -48,18 +49,22 @@ def setup_distributed(cfg):
     return dist.get_rank(), world_size, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def resolve_autos(cfg, device):
-    """The config with its auto fields (config.AUTO_VALUES) made concrete for this device: a token budget on CUDA,
-    where small batches leave the GPU idle, with batches of one fixed shape for CUDA graphs, and a peak rate
-    raised with the square root of the batch (the gradient's noise falls as the batch grows), and dropout on
-    CUDA only: a GPU's minutes train for dozens of epochs, where it pays; a CPU's ten minutes, seven, where it costs."""
+def resolve_autos(cfg, device, n_train_pairs=0):
+    """The config with its auto fields (config.AUTO_VALUES) made concrete for this device and a training split of
+    n_train_pairs: the tokenizer for that size (config.auto_tokenizer), tied embeddings where the vocabulary is
+    joint, a token budget on CUDA, where small batches leave the GPU idle,
+    with batches of one fixed shape for CUDA graphs, and a peak rate raised with the square root of the batch
+    (the gradient's noise falls as the batch grows), and dropout on CUDA only: a GPU's minutes train for dozens of
+    epochs, where it pays; a CPU's ten minutes, a few, where it costs."""
+    tokenizer = auto_tokenizer(n_train_pairs) if cfg.tokenizer == "auto" else cfg.tokenizer
     max_tokens = cfg.max_tokens if cfg.max_tokens >= 0 else GPU_MAX_TOKENS if device.type == "cuda" else 0
     batch_shape = cfg.batch_shape
     if batch_shape == "auto":
         batch_shape = "fixed" if device.type == "cuda" and cfg.batching == "packed" and max_tokens else "varied"
     lr = cfg.lr or BASE_LR * math.sqrt(max(1.0, max_tokens / BASE_LR_TOKENS))
     dropout = cfg.dropout if cfg.dropout >= 0 else GPU_DROPOUT if device.type == "cuda" else 0.0
-    return dataclasses.replace(cfg, max_tokens=max_tokens, batch_shape=batch_shape, lr=lr, dropout=dropout)
+    return dataclasses.replace(cfg, tokenizer=tokenizer, tie_embeddings=cfg.tie_embeddings and tokenizer == "bpe",
+                               max_tokens=max_tokens, batch_shape=batch_shape, lr=lr, dropout=dropout)
 
 
 def graph_obstacle(cfg, device, dtype, world_size):

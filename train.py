@@ -94,8 +94,10 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
     """The model (wrapped for DDP / compile), optimizer, schedule, scaler and sampler of a run, restored from
     `checkpoint` when resuming; returns (trainer, progress)."""
     device = precision.device
-    # epochs stays 0 (auto) and is read by epoch_limit; every other auto must be concrete by now
-    if any(getattr(cfg, name) == auto for name, auto in AUTO_VALUES.items() if name != "epochs"):
+    # epochs stays 0 (auto) and is read by epoch_limit; a tie is concrete either way; every other auto must be
+    # concrete by now
+    if any(getattr(cfg, name) == auto for name, auto in AUTO_VALUES.items()
+           if name not in ("epochs", "tie_embeddings")):
         raise ValueError("build_trainer needs a config whose autos are resolved (runtime.resolve_autos)")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -363,15 +365,17 @@ def main(argv=None):
 
 def run(cfg, rank, world_size, device):
     """The outline of a run: set-up, resume, epochs (train, evaluate, save)."""
+    started = time.perf_counter()
     is_main = rank == 0
     log = say if is_main else (lambda message: None)
     precision = Precision(device, amp_dtype(cfg.amp, device))
     paths = {name: os.path.join(cfg.run_dir, name) for name in ("last.pt", "best.pt", "metrics.jsonl")}
     checkpoint, resume_path, cfg = ckpt.load_for_resume(cfg, paths["last.pt"], world_size, log)
     ckpt.claim_run_dir(cfg.run_dir, resume_path, cfg.overwrite, is_main)
-    cfg = resolve_autos(cfg, device)  # a resumed run's autos are its checkpoint's values already
     tokenizers = ckpt.tokenizers_of(checkpoint, resume_path) if checkpoint else None
     data = dataset.prepare_shared_data(cfg, tokenizers, is_main, world_size, log)
+    # by the device and the training split's size; a resumed run's autos are its checkpoint's values already
+    cfg = resolve_autos(cfg, device, data.n_train_pairs)
     if checkpoint:
         ckpt.check_same_data(checkpoint, data.fingerprint, resume_path)
         if is_main:
@@ -387,6 +391,7 @@ def run(cfg, rank, world_size, device):
         writer = SummaryWriter(cfg.run_dir, purge_step=progress.step if checkpoint else None)
     partial = checkpoint["ranks"][rank]["partial"] if checkpoint else new_epoch_sums()
     stop_signal = catch_stop_signals()
+    log(f"start-up: {time.perf_counter() - started:.1f} s to the first step")
     best = min(progress.history, key=ckpt.best_first, default=None)
     saved = False
     # one loader, whose worker processes serve every epoch of the run; one bar for the whole run, in steps

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+import config
 from config import Config
 from runtime import resolve_autos
 
@@ -14,12 +15,23 @@ def test_the_defaults_validate_resolve_and_build_a_model_on_either_device():
     from config import AUTO_VALUES, MODEL_FIELDS
     Config().validate()
     for device in ("cpu", "cuda"):
-        cfg = resolve_autos(Config.from_args([]), torch.device(device))
-        cfg.validate()
-        assert all(getattr(cfg, name) != auto for name, auto in AUTO_VALUES.items() if name != "epochs")
-    model = Transformer(50, 60, 0, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
-    ids = torch.randint(4, 50, (2, 7))
-    assert model(ids, ids).shape == (2, 7, 60)
+        for n_train_pairs in (0, config.LARGE_DATA_PAIRS):  # the small and the large recipe
+            cfg = resolve_autos(Config.from_args([]), torch.device(device), n_train_pairs)
+            cfg.validate()
+            assert all(getattr(cfg, name) != auto for name, auto in AUTO_VALUES.items()
+                       if name not in ("epochs", "tie_embeddings"))  # epochs resolves in train.py
+            model = Transformer(60, 60, 0, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
+            ids = torch.randint(4, 50, (2, 7))
+            assert model(ids, ids).shape == (2, 7, 60)
+
+
+def test_the_auto_tokenizer_goes_by_the_training_split_and_flags_win():
+    small, large = (resolve_autos(Config(), torch.device("cpu"), n) for n in (config.LARGE_DATA_PAIRS - 1,
+                                                                             config.LARGE_DATA_PAIRS))
+    assert (small.tokenizer, small.tie_embeddings) == ("word", False)
+    assert (large.tokenizer, large.tie_embeddings) == ("bpe", True)
+    chosen = resolve_autos(Config(tokenizer="bpe", tie_embeddings=False), torch.device("cpu"))
+    assert (chosen.tokenizer, chosen.tie_embeddings) == ("bpe", False)
 
 
 def test_cuda_autos_are_a_token_budget_of_fixed_shape_with_a_raised_rate_and_dropout():
@@ -27,8 +39,9 @@ def test_cuda_autos_are_a_token_budget_of_fixed_shape_with_a_raised_rate_and_dro
     cfg = resolve_autos(Config(max_tokens=-1, batch_shape="auto", lr=0, dropout=-1, batching="packed"),
                         torch.device("cuda"))
     assert (cfg.max_tokens, cfg.batch_shape, cfg.dropout) == (runtime.GPU_MAX_TOKENS, "fixed", runtime.GPU_DROPOUT)
-    assert cfg.lr == pytest.approx(runtime.BASE_LR * (runtime.GPU_MAX_TOKENS / runtime.BASE_LR_TOKENS) ** 0.5)
-    assert resolve_autos(Config(max_tokens=1024, lr=0), torch.device("cuda")).lr == runtime.BASE_LR  # never below
+    base_lr = runtime.BASE_LR
+    assert cfg.lr == pytest.approx(base_lr * (runtime.GPU_MAX_TOKENS / runtime.BASE_LR_TOKENS) ** 0.5)
+    assert resolve_autos(Config(max_tokens=1024, lr=0), torch.device("cuda")).lr == base_lr  # never below
     chosen = resolve_autos(Config(lr=1e-3, batch_shape="varied", max_tokens=4096, dropout=0), torch.device("cuda"))
     assert (chosen.lr, chosen.batch_shape, chosen.max_tokens, chosen.dropout) == (1e-3, "varied", 4096, 0)  # flags win
     assert resolve_autos(Config(batching="bucketed"), torch.device("cuda")).batch_shape == "varied"
@@ -47,7 +60,7 @@ def test_flags_are_derived_from_fields():
     (["--d_model", "33", "--n_heads", "1"], "--d_model must be even: the position table pairs a sine with a cosine"),
     (["--share", "ring"], "argument --share: invalid choice: 'ring' (choose from 'none', 'sequence'"),
     (["--n_layers", "6", "--n_unique_layers", "7"], "--n_unique_layers must not exceed --n_layers"),
-    (["--tokenizer", "word", "--tie_embeddings", "true"], "--tie_embeddings true needs --tokenizer bpe"),
+    (["--tokenizer", "sentencepiece"], "argument --tokenizer: invalid choice: 'sentencepiece' (choose from 'auto'"),
     (["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
     (["--val_fraction", "1.5"], "--val_fraction must be between 0 and 1"),
     (["--d_model", "big"], "argument --d_model: invalid int value"),

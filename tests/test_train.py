@@ -9,6 +9,7 @@ import torch
 
 import batching
 import budget
+import config
 import conftest
 import dataset
 import evaluation
@@ -285,6 +286,32 @@ def test_compile_survives_changing_batch_shapes(pack_length):
     # the second shape makes dynamo mark the sizes dynamic; later shapes reuse that graph
     assert 1 <= dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert "_orig_mod" not in "".join(model.state_dict())
+
+
+def test_tokenizer_auto_picks_by_the_training_split_and_a_resumed_run_keeps_its_choice(tmp_path, monkeypatch):
+    """auto: word-level vocabularies below config.LARGE_DATA_PAIRS training pairs, one joint BPE vocabulary with tied
+    embeddings from there on; the checkpoint records the choice, and a resume with the defaults keeps it."""
+    def saved(run_dir):
+        checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
+        return checkpoint["config"], checkpoint["tokenizers"]
+
+    train.main(tiny_args(tmp_path / "few", "--epochs", "1", "--vocab_size", "400"))
+    cfg, (src, tgt) = saved(tmp_path / "few")
+    assert (cfg["tokenizer"], cfg["tie_embeddings"]) == ("word", False) and src != tgt
+    monkeypatch.setattr(config, "LARGE_DATA_PAIRS", 100)  # the fixture's 291 training pairs now count as many
+    train.main(tiny_args(tmp_path / "many", "--epochs", "2", "--vocab_size", "400"))
+    cfg, (src, tgt) = saved(tmp_path / "many")
+    assert (cfg["tokenizer"], cfg["tie_embeddings"]) == ("bpe", True) and src == tgt
+    crash_at(monkeypatch, read_metrics(tmp_path / "many")[0]["step"] + 1, "kill")
+    with pytest.raises(Crash):
+        train.main(tiny_args(tmp_path / "resumed", "--epochs", "2", "--vocab_size", "400"))
+    monkeypatch.undo()  # the threshold too: the resumed run keeps its checkpoint's choice, not a new one
+    train.main(tiny_args(tmp_path / "resumed", "--epochs", "2", "--vocab_size", "400", "--resume", "auto"))
+    assert saved(tmp_path / "resumed")[0]["tokenizer"] == "bpe"
+    assert [line["val_loss"] for line in read_metrics(tmp_path / "resumed")] == pytest.approx(
+        [line["val_loss"] for line in read_metrics(tmp_path / "many")], abs=1e-6)
+    train.main(tiny_args(tmp_path / "untied", "--epochs", "1", "--vocab_size", "400", "--tie_embeddings", "false"))
+    assert saved(tmp_path / "untied")[0]["tie_embeddings"] is False
 
 
 def test_bpe_with_tied_embeddings_trains_and_translates(tmp_path):
