@@ -31,7 +31,10 @@ UPPER_BOUNDS = {"d_model": 2 ** 14, "n_heads": 2 ** 10, "d_ff": 2 ** 16, "n_laye
 LARGE_DATA_PAIRS = 50_000
 
 
-def auto_tokenizer(n_train_pairs):
+def tokenizer_for(tokenizer, n_train_pairs):
+    """word or bpe: the --tokenizer flag, with auto decided by the size of the training split."""
+    if tokenizer != "auto":
+        return tokenizer
     return "bpe" if n_train_pairs >= LARGE_DATA_PAIRS else "word"
 
 

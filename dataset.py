@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from batching import TranslationDataset
-from config import DATA_FILE_TYPES, LARGE_DATA_PAIRS, auto_tokenizer
+from config import DATA_FILE_TYPES, LARGE_DATA_PAIRS, tokenizer_for
 from errors import RunError
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
@@ -186,16 +186,11 @@ def split_pairs(pairs, val_fraction, seed, max_val_pairs=0):
 
 # ---------------------------------------------------------------- tokenizers
 
-def tokenizer_kind(tokenizer, n_train_pairs):
-    """word or bpe: the tokenizer flag, with auto decided by the size of the training split."""
-    return auto_tokenizer(n_train_pairs) if tokenizer == "auto" else tokenizer
-
-
 def train_tokenizers(train_pairs, cfg):
     """Word mode: one WordLevel tokenizer per language. BPE mode: one joint tokenizer, returned twice."""
     sources = [source for source, _ in train_pairs]
     targets = [target for _, target in train_pairs]
-    if tokenizer_kind(cfg.tokenizer, len(train_pairs)) == "word":
+    if tokenizer_for(cfg.tokenizer, len(train_pairs)) == "word":
         return (_train_word(sources, cfg.min_frequency, cfg.lowercase_source),
                 _train_word(targets, cfg.min_frequency))
     tokenizer = Tokenizer(models.BPE())
@@ -261,7 +256,6 @@ class Data:
     val: TranslationDataset
     val_pairs: list  # raw (source, reference) strings of the validation split
     fingerprint: str  # digest of every loaded pair, in order
-    tokenizer: str  # word or bpe: what tokenizer=auto became
     n_train_pairs: int  # the training split's size (before the length filters), which tokenizer=auto goes by
 
 
@@ -279,7 +273,6 @@ def prepare_data(cfg, tokenizers=None, log=print):
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_pairs)
     train_pairs = without_validation_pairs(train_pairs, val_pairs, log)
     lap("split")
-    kind = tokenizer_kind(cfg.tokenizer, len(train_pairs))
     src_tokenizer, tgt_tokenizer = tokenizers or train_tokenizers(train_pairs, cfg)
     lap("tokenizers")
     ids = special_ids(tgt_tokenizer)
@@ -300,6 +293,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
     if not fits:
         raise RunError(f"none of the {len(val_pairs):,} validation pairs fits the model (--max_positions "
                        f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
+    kind = tokenizer_for(cfg.tokenizer, len(train_pairs))
     log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
         f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={kind}"
         + (f" (auto: {len(train_pairs):,} training pairs, bpe from {LARGE_DATA_PAIRS:,})"
@@ -310,7 +304,7 @@ def prepare_data(cfg, tokenizers=None, log=print):
                                   ids["eos"])
 
     data = Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
-                [val_pairs[i] for i in fits], fingerprint(pairs), kind, len(train_pairs))
+                [val_pairs[i] for i in fits], fingerprint(pairs), len(train_pairs))
     lap("validation")
     log(f"data: ready in {sum(seconds.values()):.1f} s ("
         + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()) + ")")

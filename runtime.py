@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from config import auto_tokenizer
+from config import tokenizer_for
 from errors import RunError
 
 CPU_PROBE_SIZE = 1024  # the matrix product timed at start-up on a CPU: seconds of start-up, not minutes
@@ -51,12 +51,12 @@ def setup_distributed(cfg):
 
 def resolve_autos(cfg, device, n_train_pairs=0):
     """The config with its auto fields (config.AUTO_VALUES) made concrete for this device and a training split of
-    n_train_pairs: the tokenizer for that size (config.auto_tokenizer), tied embeddings where the vocabulary is
+    n_train_pairs: the tokenizer for that size (config.tokenizer_for), tied embeddings where the vocabulary is
     joint, a token budget on CUDA, where small batches leave the GPU idle,
     with batches of one fixed shape for CUDA graphs, and a peak rate raised with the square root of the batch
     (the gradient's noise falls as the batch grows), and dropout on CUDA only: a GPU's minutes train for dozens of
     epochs, where it pays; a CPU's ten minutes, a few, where it costs."""
-    tokenizer = auto_tokenizer(n_train_pairs) if cfg.tokenizer == "auto" else cfg.tokenizer
+    tokenizer = tokenizer_for(cfg.tokenizer, n_train_pairs)
     max_tokens = cfg.max_tokens if cfg.max_tokens >= 0 else GPU_MAX_TOKENS if device.type == "cuda" else 0
     batch_shape = cfg.batch_shape
     if batch_shape == "auto":
