@@ -203,13 +203,16 @@ class BatchSampler:
     fits in none; its indices come row after row, for collate's next_fit to remake the rows.
     With world_size > 1 each rank gets a disjoint shard with the same number of batches.
     `start_batch` skips batches of the current epoch already trained (mid-epoch resume).
+    `draws` (see temperature_draws), a list of (example indices, examples per epoch): each epoch takes that
+    many examples of each group instead of every example once, in a stream of seeded reshuffles of the group
+    (a group drawn less than its size is seen whole over successive epochs; one drawn more, repeated).
     """
 
     def __init__(self, lengths, batch_size, max_tokens=0, batching="bucketed", shuffle=True, seed=0,
-                 rank=0, world_size=1, pool_batches=1000, shape=None):
+                 rank=0, world_size=1, pool_batches=1000, shape=None, draws=None):
         if batching not in BATCHINGS:
             raise ValueError(f"unknown batching {batching!r}")
-        self.shape = shape
+        self.shape, self.draws = shape, draws
         self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
         self.batching, self.shuffle, self.seed = batching, shuffle, seed
         self.rank, self.world_size, self.pool_batches = rank, world_size, pool_batches
@@ -250,7 +253,7 @@ class BatchSampler:
 
     def _make_batches(self, epoch):
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.lengths)))
+        order = list(range(len(self.lengths))) if self.draws is None else self._drawn(epoch)
         if self.shuffle:
             rng.shuffle(order)
         if self.batching == "bucketed":
@@ -271,6 +274,19 @@ class BatchSampler:
                 raise RunError(f"too few training pairs to give {self.world_size} processes equal batches")
             batches[largest:largest] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
         return batches[self.rank::self.world_size]
+
+    def _drawn(self, epoch):
+        """This epoch's examples under self.draws: of each group, the next `count` of its stream, the stream being
+        the group's members reshuffled afresh (seeded) at every pass through them."""
+        order = []
+        for number, (members, count) in enumerate(self.draws):
+            first, last = epoch * count, (epoch + 1) * count  # positions in the group's stream
+            for cycle in range(first // len(members), -(-last // len(members))):
+                shuffled = list(members)
+                random.Random(f"{self.seed} {number} {cycle}").shuffle(shuffled)
+                start = cycle * len(members)
+                order += shuffled[max(first, start) - start:min(last, start + len(members)) - start]
+        return order
 
     def _snake(self, i):
         """Sort by source length, then by target length alternately up and down, so that a batch
@@ -337,11 +353,30 @@ class BatchSampler:
         return len(self.batches()) - self.start_batch
 
 
-def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True, shape=None):
-    """Training batches as cfg.batching says (of one `shape` when given, see fixed_shape); evaluation
-    (shuffle=False) always uses plain length-sorted batches."""
+def temperature_draws(groups, temperature):
+    """Examples per epoch of each group (the data file of each example: groups[i]) under temperature sampling
+    (as multilingual MT samples its languages): in proportion to the group's size ** (1 / temperature), an epoch
+    as many examples as there are. Temperature 1 keeps the sizes; larger ones move towards uniform, so that a
+    small file is not drowned by a large one. Returns [(example indices, examples per epoch)], or None at 1."""
+    if temperature == 1 or groups is None:
+        return None
+    members = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    if len(members) < 2:  # one file: nothing to reweigh
+        return None
+    weights = {group: len(indices) ** (1 / temperature) for group, indices in sorted(members.items())}
+    total = sum(weights.values())
+    return [(members[group], max(1, round(len(groups) * weight / total))) for group, weight in weights.items()]
+
+
+def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True, shape=None, groups=None):
+    """Training batches as cfg.batching says (of one `shape` when given, see fixed_shape), drawn from the groups
+    (each example's data file) by cfg.sampling_temperature; evaluation (shuffle=False) always uses plain
+    length-sorted batches of every example."""
+    draws = temperature_draws(groups, cfg.sampling_temperature) if shuffle else None
     return BatchSampler(lengths, cfg.batch_size, cfg.max_tokens, cfg.batching if shuffle else "bucketed",
-                        shuffle, cfg.seed, rank, world_size, cfg.bucket_pool, shape)
+                        shuffle, cfg.seed, rank, world_size, cfg.bucket_pool, shape, draws)
 
 
 def make_loader(data_set, sampler, cfg, pad_id, device, batches=None):

@@ -24,7 +24,6 @@ analytic training FLOPs per real token x real tokens/s / the peak matmul FLOP/s 
 precision, and the attention kernels SDPA chose. Decoding runs under the config's --amp (auto: see
 runtime.amp_dtype).
 """
-import argparse
 import contextlib
 import dataclasses
 import itertools
@@ -32,19 +31,22 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
 
 import batching
 import dataset
+import export
 import runtime
 import step
 import train
-from config import Config
+from config import Config, OneLineParser
 from errors import RunError, one_line_errors
+from metrics import score
 from model import int8_linear_layers, translate
-from translate import load_translator
+from translate import load_translator, translate_texts
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 LOADER_TOKENS = {"loader": runtime.GPU_MAX_TOKENS, "loader_64k": 65536}  # the input pipeline alone, at these budgets
@@ -244,26 +246,38 @@ def decoding_speeds(model, sources, ids, cfg, beam, precision, uncached=True):
     return results
 
 
-@one_line_errors
-def main(argv=None):
-    parser = argparse.ArgumentParser(add_help=False)
+# bench.py's own numeric flags' (low, high) bounds, as config.py's fields have theirs
+FLAG_BOUNDS = {"seconds": (1e-3, 10 ** 6), "decode_sentences": (1, 10 ** 7), "decode_beam": (1, 2 ** 7),
+               "profile_steps": (0, 10 ** 6)}
+
+
+def build_parser():
+    parser = OneLineParser(add_help=False)
     parser.add_argument("--seconds", type=float, default=20.0, help="training time per variant")
     parser.add_argument("--decode_sentences", type=int, default=200, help="validation sentences to decode")
     parser.add_argument("--decode_beam", type=int, default=4, help="beam size for the beam-search speed")
     parser.add_argument("--profile_steps", type=int, default=0, help="profile this many default steps (0 = none)")
-    parser.add_argument("--variants", help="comma-separated variants to run (default: all)")
+    parser.add_argument("--variants", help="comma-separated variants to run (default: all; none: only decode)")
     parser.add_argument("--decode_checkpoint", help="decode with this trained checkpoint's weights instead of the "
-                                                    "briefly trained benchmark weights (whose outputs stop early)")
+                                                    "briefly trained benchmark weights (whose outputs stop early), "
+                                                    "in every engine and precision, with BLEU")
+    parser.add_argument("--decode_file", help="with --decode_checkpoint: the pairs to translate and score (default: "
+                                              "the validation split of --data_files)")
+    return parser
+
+
+@one_line_errors
+def main(argv=None):
+    parser = build_parser()
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    parser.check_bounds(args, FLAG_BOUNDS)  # before minutes of training, not after
     cfg = Config.from_args(rest, prog="bench.py")
-    # checked before minutes of training, not after
-    if not (0 < args.seconds < float("inf") and args.decode_sentences >= 1 and args.decode_beam >= 1):
-        raise RunError("--seconds must be positive and finite, --decode_sentences and --decode_beam "
-                       "at least 1")
-    if args.profile_steps < 0:
-        raise RunError("--profile_steps must not be negative")
-    if args.decode_checkpoint and not os.path.isfile(args.decode_checkpoint):
+    if args.decode_checkpoint is not None and not os.path.isfile(args.decode_checkpoint):
         raise RunError(f"--decode_checkpoint {args.decode_checkpoint}: no such file")
+    if args.decode_file is not None and args.decode_checkpoint is None:
+        raise RunError("--decode_file needs --decode_checkpoint, the model to decode it with")
+    if args.decode_file is not None:
+        dataset.check_data_file(args.decode_file)
     if not cfg.data_files:
         raise RunError("bench.py needs --data_files (local pairs; the benchmark never downloads)")
     _, _, device = runtime.setup_distributed(cfg)
@@ -281,8 +295,8 @@ def main(argv=None):
         variants.update(packed_bf16_eager=dict(amp="bf16", batching="packed", cuda_graph=False),
                         packed_amp_compile=dict(amp=amp, batching="packed", compile=True))
     # the default first, compile (minutes of compiling) last: a run cut short has measured what matters most
-    chosen = args.variants.split(",") if args.variants else sorted([*variants, *LOADER_TOKENS],
-                                                                   key=lambda name: (name != "default", "compile" in name))
+    chosen = [] if args.variants == "none" else args.variants.split(",") if args.variants else sorted(
+        [*variants, *LOADER_TOKENS], key=lambda name: (name != "default", "compile" in name))
     unknown = set(chosen) - set(variants) - set(LOADER_TOKENS)
     if unknown:
         raise RunError(f"--variants: no variant {', '.join(sorted(unknown))}; choose from "
@@ -326,6 +340,13 @@ def main(argv=None):
     model.eval()
     decoding["decoding"] = decoding_speeds(model, sources, ids, cfg, args.decode_beam,
                                            runtime.Precision(device, runtime.amp_dtype(cfg.amp, device)))
+    if args.decode_checkpoint:  # every engine and precision translate.py offers, with the BLEU each reaches
+        emit(decoding)
+        pairs = (dataset.read_pairs([args.decode_file], cfg.lang_src, cfg.lang_tgt, strict=True)[0] if args.decode_file
+                 else data.val_pairs)[:args.decode_sentences]
+        for line in compare_engines(args.decode_checkpoint, pairs, device, args.decode_beam):
+            emit(line)
+        return
     # every precision translate.py offers here: --amp off / bf16 / fp16, and --int8 on a CPU
     offered = {"fp32": (model, None), "bf16": (model, torch.bfloat16)}
     offered.update({"fp16": (model, torch.float16)} if device.type == "cuda" else
@@ -335,6 +356,38 @@ def main(argv=None):
                               uncached=False)
         for name, (variant, dtype) in offered.items()}
     emit(decoding)
+
+
+def compare_engines(path, pairs, device, beam):
+    """One record per engine, precision and search (greedy, beam) for translate.py's path on these pairs: the
+    PyTorch model in fp32, bf16 (or fp16 on CUDA) and int8 (a CPU), and CTranslate2 in float32 and int8 (where
+    installed), each with its sentences/s and BLEU, text in and text out, all in this one process."""
+    model, src_tokenizer, tgt_tokenizer, saved = load_translator(path, device)
+    half = torch.float16 if device.type == "cuda" else torch.bfloat16
+    engines = {"torch_fp32": (model, None), f"torch_{PRECISION_NAMES[half]}": (model, half)}
+    if device.type == "cpu":
+        engines["torch_int8"] = (int8_linear_layers(model), None)
+    with contextlib.ExitStack() as stack:
+        try:
+            directory = export.export(path, stack.enter_context(tempfile.TemporaryDirectory()) + "/model")
+            engines.update({f"ctranslate2_{name}": (export.Engine(directory, device, name == "int8",
+                                                                  torch.get_num_threads()), None)
+                            for name in ("float32", "int8")})
+        except RunError as error:  # not installed: the PyTorch rows still come
+            log(f"ctranslate2 rows left out: {error}")
+        texts, references = [source for source, _ in pairs], [target for _, target in pairs]
+        for name, (engine, dtype) in engines.items():
+            for search_beam in (1, beam):
+                started = time.perf_counter()
+                with runtime.autocast(device, dtype):
+                    hypotheses = translate_texts(texts, engine, src_tokenizer, tgt_tokenizer,
+                                                 saved["tokenizer"] == "word", beam=search_beam,
+                                                 alpha=saved["length_penalty"], max_len_a=saved["max_len_a"],
+                                                 max_len_b=saved["max_len_b"], warn=log)
+                runtime.synchronize(device)
+                seconds = time.perf_counter() - started
+                yield {"engine": name, "beam": search_beam, "sentences": len(texts),
+                       "sentences_per_sec": len(texts) / seconds, "bleu": score(hypotheses, references)["bleu"]}
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compi
                      "eval_every_minutes", "overwrite"}
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
 PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False,
-                   "cycle_momentum": True, "max_val_pairs": 0}
+                   "cycle_momentum": True, "max_val_pairs": 0, "max_len_ratio": 1.0, "eval_files": [],
+                   "sampling_temperature": 1.0}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
+RESUME_HINT = ", or resume a --run_dir's own with --resume auto"  # what a --resume naming a directory is told
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
 
 
@@ -117,14 +119,19 @@ def write_lines_atomic(lines, path):
     write_or_explain(write, path)
 
 
-def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS, directory_hint=""):
-    """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run.
+def check_checkpoint_path(path, directory_hint=""):
+    """Refuse a path that names no checkpoint file (train.py asks before it touches its run directory).
     directory_hint: what the message for a directory adds (train.py: how to resume a run directory)."""
     if os.path.isdir(path):
         raise RunError(f"{path} is a directory; name a checkpoint file in it (e.g. "
                        f"{os.path.join(path, 'last.pt')}){directory_hint}")
     if not os.path.isfile(path):
         raise RunError(f"checkpoint not found: {path}")
+
+
+def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS, directory_hint=""):
+    """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
+    check_checkpoint_path(path, directory_hint)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -223,7 +230,7 @@ def load_for_resume(cfg, last_path, world_size, log):
     if not resume_path:
         return None, None, cfg
     checkpoint = load_checkpoint(resume_path, required=CHECKPOINT_KEYS + RESUME_KEYS + PROGRESS_KEYS,
-                                 directory_hint=", or resume a --run_dir's own with --resume auto")
+                                 directory_hint=RESUME_HINT)
     cfg = cfg.with_autos_from(saved_config(checkpoint))
     check_resumable(checkpoint, cfg, resume_path, world_size)
     log(f"resume: {resume_path} (epoch {checkpoint['epoch']}, batch {checkpoint['batch_in_epoch']}, "

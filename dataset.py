@@ -6,6 +6,7 @@ raise errors.RunError with one line that names the file and line; the scripts pr
 """
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from batching import TranslationDataset
-from config import DATA_FILE_TYPES, LARGE_DATA_PAIRS, tokenizer_for
+from config import DATA_FILE_TYPES, LARGE_DATA_PAIRS, is_text, tokenizer_for
 from errors import RunError
 
 PAD, UNK, SOS, EOS = "[PAD]", "[UNK]", "[SOS]", "[EOS]"
@@ -26,14 +27,17 @@ SPECIAL_TOKENS = [PAD, UNK, SOS, EOS]
 # ---------------------------------------------------------------- loading
 
 def load_pairs(cfg):
-    """(source, target) string pairs from local files or the hub, plus the count of unusable rows dropped."""
+    """(source, target) string pairs from local files (each must hold some) or the hub, the count of unusable
+    rows dropped, and how many of the pairs each file gave, in order (the hub: one count)."""
     if cfg.data_files:
-        return read_pairs(cfg.data_files, cfg.lang_src, cfg.lang_tgt)
+        per_file = [read_pairs([path], cfg.lang_src, cfg.lang_tgt) for path in cfg.data_files]
+        return ([pair for pairs, _ in per_file for pair in pairs], sum(dropped for _, dropped in per_file),
+                [len(pairs) for pairs, _ in per_file])
     name = f"Helsinki-NLP/{cfg.dataset}"
     rows = ((f"{name} row {number}", row) for number, row in enumerate(_hub_rows(cfg.dataset, cfg.lang_src,
                                                                                  cfg.lang_tgt), 1))
     pairs, _, dropped = _usable_pairs(rows, cfg.lang_src, cfg.lang_tgt, name)
-    return pairs, dropped
+    return pairs, dropped, [len(pairs)]
 
 
 def read_pairs(paths, src, tgt, strict=False):
@@ -78,16 +82,9 @@ def _pair_from_row(row, src, tgt):
     return (source, target) if source and target else None
 
 
-def is_text(text):
-    """Whether a string can be written as UTF-8: JSON's "\\ud800" escape decodes to a lone surrogate, which cannot."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _read_rows(path, src, tgt):
+def check_data_file(path):
+    """Refuse a path that names no data file of a kind read here (train.py asks before it touches its run
+    directory)."""
     if not path.endswith(DATA_FILE_TYPES):
         raise RunError(f"{path}: expected a {', '.join(DATA_FILE_TYPES)} file (opus_books rows, or "
                        "source<TAB>target for .tsv)")
@@ -95,6 +92,10 @@ def _read_rows(path, src, tgt):
         raise RunError(f"{path} is a directory; name the {', '.join(DATA_FILE_TYPES)} files in it")
     if not os.path.isfile(path):
         raise RunError(f"data file not found: {path}")
+
+
+def _read_rows(path, src, tgt):
+    check_data_file(path)
     if path.endswith(".parquet"):
         yield from _parquet_rows(path)
         return
@@ -241,10 +242,12 @@ def decode(tokenizer, ids, word_level):
 
 # ---------------------------------------------------------------- filtering
 
-def length_filter(src_ids, tgt_ids, max_src_tokens, max_len_diff):
-    """Indices of pairs kept by the assignment's filters, measured in tokens (not characters)."""
+def length_filter(src_ids, tgt_ids, max_src_tokens, max_len_ratio, max_len_diff):
+    """Indices of pairs kept by the length filters, measured in tokens (not characters): a source of at most
+    max_src_tokens, a target of at most max_len_ratio x source + max_len_diff (the assignment's: ratio 1). A pair is
+    kept whole or dropped, never cut."""
     return [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids))
-            if len(s) <= max_src_tokens and len(t) <= len(s) + max_len_diff]
+            if len(s) <= max_src_tokens and len(t) <= max_len_ratio * len(s) + max_len_diff]
 
 
 @dataclasses.dataclass
@@ -257,6 +260,8 @@ class Data:
     val_pairs: list  # raw (source, reference) strings of the validation split
     fingerprint: str  # digest of every loaded pair, in order
     n_train_pairs: int  # the training split's size (before the length filters), which tokenizer=auto goes by
+    eval_sets: dict = dataclasses.field(default_factory=dict)  # --eval_files: name -> (TranslationDataset, pairs)
+    train_files: list = None  # the data file (its number in --data_files) of each training example
 
 
 def prepare_data(cfg, tokenizers=None, log=print):
@@ -267,11 +272,13 @@ def prepare_data(cfg, tokenizers=None, log=print):
         nonlocal started
         seconds[name], started = time.perf_counter() - started, time.perf_counter()
 
-    pairs, dropped = load_pairs(cfg)
+    pairs, dropped, file_sizes = load_pairs(cfg)
     log(f"data: {len(pairs):,} pairs ({dropped:,} rows dropped: missing, empty or non-string side)")
     lap("load")
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.seed, cfg.max_val_pairs)
     train_pairs = without_validation_pairs(train_pairs, val_pairs, log)
+    eval_pairs = read_eval_files(cfg)
+    train_pairs = without_eval_sources(train_pairs, eval_pairs, log)
     lap("split")
     src_tokenizer, tgt_tokenizer = tokenizers or train_tokenizers(train_pairs, cfg)
     lap("tokenizers")
@@ -282,29 +289,43 @@ def prepare_data(cfg, tokenizers=None, log=print):
 
     train_src, train_tgt = encode_pairs(train_pairs)
     check_vocabularies(cfg, (src_tokenizer, tgt_tokenizer), (train_src, train_tgt), ids["unk"], log)
-    keep = length_filter(train_src, train_tgt, cfg.max_src_tokens, cfg.max_len_diff)
+    keep = length_filter(train_src, train_tgt, cfg.max_src_tokens, cfg.max_len_ratio, cfg.max_len_diff)
     lap("encoding")
     log(f"data: {len(keep):,} training pairs kept, {len(train_src) - len(keep):,} dropped by the length filters "
-        f"(source > {cfg.max_src_tokens} tokens or target > source + {cfg.max_len_diff})")
+        f"(source > {cfg.max_src_tokens} tokens or target > {cfg.max_len_ratio:g} x source + {cfg.max_len_diff})")
     if not keep:
-        raise RunError("the length filters left no training pairs; raise --max_src_tokens or --max_len_diff")
-    val_src, val_tgt = encode_pairs(val_pairs)
-    fits = [i for i, (s, t) in enumerate(zip(val_src, val_tgt)) if max(len(s), len(t)) < cfg.max_positions]
-    if not fits:
-        raise RunError(f"none of the {len(val_pairs):,} validation pairs fits the model (--max_positions "
-                       f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
-    kind = tokenizer_for(cfg.tokenizer, len(train_pairs))
-    log(f"data: {len(fits):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
-        f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={kind}"
-        + (f" (auto: {len(train_pairs):,} training pairs, bpe from {LARGE_DATA_PAIRS:,})"
-           if cfg.tokenizer == "auto" else ""))
+        raise RunError("the length filters left no training pairs; raise --max_src_tokens, --max_len_ratio or "
+                       "--max_len_diff")
 
     def subset(src_ids, tgt_ids, indices):
         return TranslationDataset([src_ids[i] for i in indices], [tgt_ids[i] for i in indices], ids["sos"],
                                   ids["eos"])
 
-    data = Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), subset(val_src, val_tgt, fits),
-                [val_pairs[i] for i in fits], fingerprint(pairs), len(train_pairs))
+    def fitting(held_out):  # the pairs the model can take whole, as a TranslationDataset, and their strings
+        src_ids, tgt_ids = encode_pairs(held_out)
+        fits = [i for i, (s, t) in enumerate(zip(src_ids, tgt_ids)) if max(len(s), len(t)) < cfg.max_positions]
+        return subset(src_ids, tgt_ids, fits), [held_out[i] for i in fits]
+
+    val, fitting_val_pairs = fitting(val_pairs)
+    if not len(val):
+        raise RunError(f"none of the {len(val_pairs):,} validation pairs fits the model (--max_positions "
+                       f"{cfg.max_positions} tokens); raise --max_positions or --val_fraction")
+    kind = tokenizer_for(cfg.tokenizer, len(train_pairs))
+    log(f"data: {len(val):,} validation pairs; vocabularies {src_tokenizer.get_vocab_size():,} ({cfg.lang_src}) / "
+        f"{tgt_tokenizer.get_vocab_size():,} ({cfg.lang_tgt}), tokenizer={kind}"
+        + (f" (auto: {len(train_pairs):,} training pairs, bpe from {LARGE_DATA_PAIRS:,})"
+           if cfg.tokenizer == "auto" else ""))
+    eval_sets = {name: fitting(held_out) for name, held_out in eval_pairs.items()}
+    for name, (examples, _) in eval_sets.items():
+        log(f"data: evaluation set {name}: {len(examples):,} pairs"
+            + (f" ({len(eval_pairs[name]) - len(examples):,} longer than the model takes left out)"
+               if len(examples) < len(eval_pairs[name]) else ""))
+    source_file = {}  # the file each pair came from (the first, for a pair in two)
+    for number, (start, size) in enumerate(zip(itertools.accumulate([0] + file_sizes), file_sizes)):
+        for pair in pairs[start:start + size]:
+            source_file.setdefault(pair, number)
+    data = Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), val, fitting_val_pairs,
+                fingerprint(pairs), len(train_pairs), eval_sets, [source_file[train_pairs[i]] for i in keep])
     lap("validation")
     log(f"data: ready in {sum(seconds.values()):.1f} s ("
         + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()) + ")")
@@ -339,6 +360,32 @@ def without_validation_pairs(train_pairs, val_pairs, log):
             "data, or a file passed twice); they were left out of training")
     if not kept:
         raise RunError("every training pair repeats a validation pair; the data holds too few distinct pairs")
+    return kept
+
+
+def read_eval_files(cfg):
+    """--eval_files as {name: pairs}, each named by its file (a number added where two names would clash)."""
+    sets = {}
+    for path in cfg.eval_files:
+        name = base = os.path.splitext(os.path.basename(path))[0]
+        for number in itertools.count(2):
+            if name not in sets:
+                break
+            name = f"{base}_{number}"
+        sets[name] = read_pairs([path], cfg.lang_src, cfg.lang_tgt)[0]
+    return sets
+
+
+def without_eval_sources(train_pairs, eval_pairs, log):
+    """Training pairs whose source sentence is one of an evaluation set's would score text the model trained on:
+    they are left out of training, and counted."""
+    sources = {source for pairs in eval_pairs.values() for source, _ in pairs}
+    kept = [pair for pair in train_pairs if pair[0] not in sources]
+    if len(kept) < len(train_pairs):
+        log(f"data: {len(train_pairs) - len(kept):,} training pairs have the source of an --eval_files pair; they "
+            "were left out of training")
+    if not kept:
+        raise RunError("every training pair has the source of an --eval_files pair; evaluate on other files")
     return kept
 
 

@@ -15,13 +15,28 @@ AUTO_EVAL_MINUTES = 10  # --eval_every_minutes 0 without --max_minutes: every ep
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, precision):
-    """Teacher-forced loss on the whole validation split, then BLEU/chrF/CER/WER on translated sentences."""
+def evaluate(model, data, cfg, precision, clock):
+    """The validation split's loss and scores (BLEU/chrF/CER/WER of its first n_eval_sentences translated), then
+    each --eval_files set's, whole, under "<name>/" keys with the seconds it took. Returns (metrics, examples)."""
+    n = min(cfg.n_eval_sentences, len(data.val))
+    loss, scores, examples = evaluate_set(model, data, data.val, data.val_pairs, n, cfg, precision)
+    metrics = {"val_loss": loss, **scores}
+    for name, (examples_set, pairs) in data.eval_sets.items():
+        started = clock()
+        loss, scores, _ = evaluate_set(model, data, examples_set, pairs, len(pairs), cfg, precision)
+        metrics.update({f"{name}/{key}": value for key, value in {"loss": loss, **scores}.items()})
+        metrics[f"{name}/seconds"] = clock() - started
+    return metrics, examples
+
+
+def evaluate_set(model, data, examples, pairs, n, cfg, precision):
+    """Teacher-forced loss on the TranslationDataset `examples` (of these string pairs), then scores of its
+    first n sentences translated: (loss, scores, two (source, reference, translation) examples)."""
     device, dtype = precision
     model.eval()
     pad_id = data.ids["pad"]
-    loader = batching.make_loader(data.val, batching.make_sampler(cfg, data.val.lengths(), shuffle=False), cfg, pad_id,
-                                  device)
+    loader = batching.make_loader(examples, batching.make_sampler(cfg, examples.lengths(), shuffle=False), cfg,
+                                  pad_id, device)
     loss_sum, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     with running_loader(loader) as batches:
         for batch in batches:
@@ -30,18 +45,15 @@ def evaluate(model, data, cfg, precision):
                 logits = model(batch["src"], batch["tgt_in"])
             loss_sum += compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing)
             n_tokens += (batch["labels"] != pad_id).sum()
-    n = min(cfg.n_eval_sentences, len(data.val))
     with autocast(device, dtype):
-        outputs = translate(model, data.val.src_ids[:n], data.ids["sos"], data.ids["eos"], cfg.beam,
+        outputs = translate(model, examples.src_ids[:n], data.ids["sos"], data.ids["eos"], cfg.beam,
                             cfg.length_penalty, cfg.max_len_a, cfg.max_len_b)
     hypotheses = [dataset.decode(data.tgt_tokenizer, ids, cfg.tokenizer == "word") for ids in outputs]
-    references = [target for _, target in data.val_pairs[:n]]
+    references = [target for _, target in pairs[:n]]
     model.train()
-    metrics = {"val_loss": float(loss_sum) / max(1, int(n_tokens))}
-    if n:
-        metrics.update(score(hypotheses, references))
-    examples = [(data.val_pairs[i][0], references[i], hypotheses[i]) for i in range(min(2, n))]
-    return metrics, examples
+    scores = score(hypotheses, references) if n else {}
+    return (float(loss_sum) / max(1, int(n_tokens)), scores,
+            [(pairs[i][0], references[i], hypotheses[i]) for i in range(min(2, n))])
 
 
 def evaluation_interval(cfg):
@@ -74,7 +86,7 @@ def end_interval(trainer, progress, sums, log, clock):
     metrics, failure = {}, None
     if trainer.rank == 0:
         try:
-            metrics, examples = evaluate(trainer.translator, trainer.data, trainer.cfg, trainer.precision)
+            metrics, examples = evaluate(trainer.translator, trainer.data, trainer.cfg, trainer.precision, clock)
         except Exception as error:  # whatever went wrong, the training since the last save is kept (run)
             failure = f"{type(error).__name__}: {error}"
         else:

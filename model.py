@@ -305,14 +305,15 @@ def reorder_beams(cache, rows, length):
             slot[name][:, :, :length] = slot[name][rows, :, :length]
 
 
-def output_limits(src, pad_id, max_len_a, max_len_b, max_len, max_positions):
-    """Most tokens (EOS included) each sentence may emit: max_len if given, else a * source length + b
-    (fairseq's max_len_a/max_len_b), never more than the model's positions allow."""
+def output_limits(src_lengths, max_len_a, max_len_b, max_len, max_positions):
+    """Most tokens (EOS included) each sentence may emit, for sources of src_lengths tokens (EOS included; a
+    tensor): max_len if given, else a * source length + b (fairseq's max_len_a/max_len_b), never more than the
+    model's positions allow."""
     if max_len:
-        limits = torch.full((src.size(0),), max_len, device=src.device)
+        limits = torch.full_like(src_lengths, max_len)
     else:
         # clamped while still floating point: a huge max_len_a would overflow the integer conversion
-        limits = ((src != pad_id).sum(1) * max_len_a + max_len_b).clamp(1, max_positions - 1).long()
+        limits = (src_lengths * max_len_a + max_len_b).clamp(1, max_positions - 1).long()
     return limits.clamp(1, max_positions - 1)
 
 
@@ -322,21 +323,25 @@ def _strip(ids, eos_id):
 
 @torch.no_grad()
 def greedy_search(model, src, sos_id, eos_id, max_len_a=1.2, max_len_b=10, max_len=0, use_cache=True):
-    """Batched greedy decoding; see output_limits for the length limit. A sentence leaves the running batch
-    (and the cache) as soon as it ends. Returns one list of token ids per sentence, without SOS/EOS."""
-    limits = output_limits(src, model.pad_id, max_len_a, max_len_b, max_len, model.max_positions)
+    """Batched greedy decoding; see output_limits for the length limit. The first token is never EOS: an empty
+    translation is never right (fairseq's min_len 1, CTranslate2's min_decoding_length 1). A sentence leaves
+    the running batch (and the cache) as soon as it ends. Returns one list of token ids per sentence, without
+    SOS/EOS."""
+    limits = output_limits((src != model.pad_id).sum(1), max_len_a, max_len_b, max_len, model.max_positions)
     n_steps = int(limits.max())
     memory, src_mask = model.encode(src)
     output = torch.full((src.size(0), n_steps), eos_id, dtype=torch.long, device=src.device)
     running = torch.arange(src.size(0), device=src.device)  # the sentence each batch row decodes
     prefix = torch.full((src.size(0), 1), sos_id, dtype=torch.long, device=src.device)
     cache = model.new_cache(n_steps) if use_cache else None
+    eos = torch.tensor([eos_id], device=src.device)
     for step in range(n_steps):
         if use_cache:
             logits = model.decode(prefix[:, -1:], memory, src_mask, cache, offset=step)
         else:
             logits = model.decode(prefix, memory, src_mask)
-        next_token = logits[:, -1].argmax(-1)
+        next_token = logits[:, -1].index_fill(-1, eos, float("-inf")).argmax(-1) if step == 0 else \
+            logits[:, -1].argmax(-1)
         output[running, step] = next_token
         going = (next_token != eos_id) & (step + 1 < limits[running])
         if not going.all():
@@ -361,11 +366,11 @@ def beam_search(model, src, sos_id, eos_id, beam=4, alpha=0.6, max_len_a=1.2, ma
                 use_cache=True):
     """Batched beam search with the decoder cache, in tensor ops over sentences x beams. Each step keeps the
     `beam` best unfinished candidates of a sentence; a candidate ending in EOS and ranked within the beam
-    is a finished hypothesis. A sentence stops once it has `beam` of them (or at its length limit), and
-    its best finished hypothesis by length-normalised log-probability wins. use_cache=False recomputes
-    every prefix (the reference the cache must match)."""
+    is a finished hypothesis (never at the first step, as in greedy_search). A sentence stops once it has
+    `beam` of them (or at its length limit), and its best finished hypothesis by length-normalised
+    log-probability wins. use_cache=False recomputes every prefix (the reference the cache must match)."""
     n, device = src.size(0), src.device
-    limits = output_limits(src, model.pad_id, max_len_a, max_len_b, max_len, model.max_positions)
+    limits = output_limits((src != model.pad_id).sum(1), max_len_a, max_len_b, max_len, model.max_positions)
     n_steps = int(limits.max())
     memory, src_mask = model.encode(src)
     memory, src_mask = memory.repeat_interleave(beam, 0), src_mask.repeat_interleave(beam, 0)
@@ -388,6 +393,8 @@ def beam_search(model, src, sos_id, eos_id, beam=4, alpha=0.6, max_len_a=1.2, ma
                                 history[running, :, :step].reshape(m * beam, step)], 1)
             logits = model.decode(prefix, memory, src_mask)
         log_probs = logits[:, -1].float().log_softmax(-1)
+        if step == 0:
+            log_probs[:, eos_id] = float("-inf")
         vocab = log_probs.size(-1)
         candidates = (scores.view(-1, 1) + log_probs).view(m, beam * vocab)
         top_scores, top_index = candidates.topk(2 * beam, dim=1)  # at most `beam` of them end in EOS

@@ -114,7 +114,12 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
         train_model = torch.compile(train_model)
     shape = (batching.fixed_shape(data.train.lengths(), cfg.max_tokens, cfg.pack_length, pad_multiple(cfg, device))
              if cfg.batch_shape == "fixed" else None)
-    sampler = batching.make_sampler(cfg, data.train.lengths(), rank, world_size, shape=shape)
+    sampler = batching.make_sampler(cfg, data.train.lengths(), rank, world_size, shape=shape, groups=data.train_files)
+    if sampler.draws is not None:
+        names = [os.path.splitext(os.path.basename(path))[0] for path in cfg.data_files]
+        log(f"sampling: temperature {cfg.sampling_temperature:g}, an epoch of {len(data.train):,} pairs draws "
+            + ", ".join(f"{names[data.train_files[members[0]]]} {len(members):,} -> {count:,}"
+                        for members, count in sampler.draws))
     epochs = epoch_limit(cfg)
     steps_per_epoch = count_steps(sampler, epochs, cfg.accum_steps, cfg.max_steps)
     # without an epoch limit --max_minutes sizes the run; until it has, the run is as long as it may be
@@ -333,7 +338,8 @@ def evaluate_and_save(trainer, progress, sums, best, paths, writer, log):
             best = line
             ckpt.copy_atomic(paths["last.pt"], paths["best.pt"])
         ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
-        for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak"):
+        for name in ("train_loss", "val_loss", "bleu", "chrf", "cer", "wer", "tokens_per_sec", "fraction_of_peak",
+                     *(key for key in line if "/" in key)):  # and --eval_files' "<set>/<metric>"
             if line.get(name) is not None:
                 writer.add_scalar(f"eval/{name}", line[name], progress.step)
         writer.flush()
@@ -347,6 +353,10 @@ def evaluate_and_save(trainer, progress, sums, best, paths, writer, log):
 @one_line_errors
 def main(argv=None):
     cfg = Config.from_args(argv)
+    for path in cfg.data_files + cfg.eval_files:  # a path that names nothing stops before the run directory is touched
+        dataset.check_data_file(path)
+    if cfg.resume not in ("", "auto"):
+        ckpt.check_checkpoint_path(cfg.resume, ckpt.RESUME_HINT)
     rank, world_size, device = setup_distributed(cfg)
     try:
         with ckpt.locked_run_dir(cfg.run_dir, rank == 0):

@@ -3,28 +3,35 @@
     python translate.py --checkpoint runs/opus_books/best.pt "I am tired." "Where is the station?"
     echo "I am tired." | python translate.py --checkpoint best.pt --beam 4
     python translate.py --checkpoint best.pt --eval pairs.jsonl     # prints {"n", "bleu", "chrf", ...}
+    python translate.py --engine ctranslate2 --model DIR "I am tired."   # DIR: written by export.py
 
 One translation per input (argument or stdin line), in input order; an empty line gives an empty line.
 A line longer than the model takes (max_positions) is cut, and stderr says which.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
+import tempfile
 import time
 
 import torch
 
 import dataset
 from checkpoint import config_of, load_checkpoint, tokenizers_of
-from config import MAX_LENGTH_PENALTY, MODEL_FIELDS, UPPER_BOUNDS, OneLineParser
+from config import MAX_LENGTH_PENALTY, MODEL_FIELDS, OneLineParser
 from errors import RunError, one_line_errors
+from export import Engine, export
 from metrics import score
 from model import Transformer, int8_linear_layers, translate
 from runtime import amp_dtype, autocast
+
+# The numeric flags' (low, high) bounds, as config.py's fields have theirs
+FLAG_BOUNDS = {"beam": (1, 2 ** 7), "length_penalty": (0, MAX_LENGTH_PENALTY), "max_len": (0, 2 ** 16),
+               "max_len_a": (0, 2 ** 16), "max_len_b": (0, 2 ** 16), "max_tokens": (1, 2 ** 24)}
 
 
 def load_translator(path, device):
@@ -67,14 +74,19 @@ def fit_to_model(sources, max_positions, names, warn):
 
 def translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, beam=1, alpha=0.6, max_len_a=1.2,
                     max_len_b=10, max_len=0, max_tokens=6000, warn=print, names=None):
-    """One line of translation per text, in order. names: how warnings call each text (default: input line N)."""
+    """One line of translation per text, in order. model: a Transformer, or an export.Engine (CTranslate2).
+    names: how warnings call each text (default: input line N)."""
     ids = dataset.special_ids(tgt_tokenizer)
     todo = [i for i, text in enumerate(texts) if text.strip()]
     names = names or [f"input line {i + 1}" for i in range(len(texts))]
     sources = fit_to_model(dataset.encode(src_tokenizer, [texts[i].strip() for i in todo]), model.max_positions,
                            [names[i] for i in todo], warn)
-    outputs = translate(model, sources, ids["sos"], ids["eos"], beam, alpha, max_len_a, max_len_b, max_len,
-                        max_tokens)
+    limits = dict(beam=beam, alpha=alpha, max_len_a=max_len_a, max_len_b=max_len_b, max_len=max_len,
+                  max_tokens=max_tokens)
+    if isinstance(model, Engine):
+        outputs = model.translate(sources, **limits)
+    else:
+        outputs = translate(model, sources, ids["sos"], ids["eos"], **limits)
     results = [""] * len(texts)
     for i, output in zip(todo, outputs):
         results[i] = dataset.decode(tgt_tokenizer, output, word_level)
@@ -109,10 +121,12 @@ def read_stdin_lines():
     return texts
 
 
-@one_line_errors
-def main(argv=None):
+def build_parser():
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train.py")
+    parser.add_argument("--checkpoint", help="a best.pt or last.pt written by train.py")
+    parser.add_argument("--engine", default="torch", choices=("torch", "ctranslate2"),
+                        help="decode in PyTorch, or in CTranslate2 (--checkpoint converted in memory, or --model)")
+    parser.add_argument("--model", metavar="DIR", help="--engine ctranslate2: a directory written by export.py")
     parser.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     parser.add_argument("--length_penalty", type=float, default=0.6, help="GNMT length-penalty alpha for beam search")
     parser.add_argument("--max_len", type=int, default=0,
@@ -129,37 +143,41 @@ def main(argv=None):
     parser.add_argument("--eval", metavar="FILE", help="score translations of a .jsonl (opus_books rows) or .tsv "
                                                        "(source<TAB>reference) file with sacrebleu; prints JSON")
     parser.add_argument("texts", nargs="*", help="sentences to translate (default: one per line of stdin)")
+    return parser
+
+
+@one_line_errors
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.beam < 1 or args.max_len < 0 or args.max_tokens < 1:
-        parser.error("--beam and --max_tokens must be at least 1 and --max_len not negative")
-    for name, bound in (("beam", UPPER_BOUNDS["beam"]), ("max_len", UPPER_BOUNDS["max_positions"]),
-                        ("max_len_b", UPPER_BOUNDS["max_len_b"]), ("max_tokens", UPPER_BOUNDS["max_tokens"])):
-        if (getattr(args, name) or 0) > bound:
-            parser.error(f"--{name} must be at most {bound:,} (got {getattr(args, name):,})")
-    for name in ("length_penalty", "max_len_a", "max_len_b"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            parser.error(f"--{name} must be a finite number, not negative (got {value})")
-    if args.length_penalty > MAX_LENGTH_PENALTY:
-        parser.error(f"--length_penalty must be at most {MAX_LENGTH_PENALTY:g} (got {args.length_penalty:g})")
+    parser.check_bounds(args, FLAG_BOUNDS)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda but no CUDA device is available; use --device cpu")
-    model, src_tokenizer, tgt_tokenizer, cfg = load_translator(args.checkpoint, device)
-    word_level = cfg["tokenizer"] == "word"
-    options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len, max_tokens=args.max_tokens,
-                   max_len_a=cfg["max_len_a"] if args.max_len_a is None else args.max_len_a,
-                   max_len_b=cfg["max_len_b"] if args.max_len_b is None else args.max_len_b,
-                   warn=lambda message: print(message, file=sys.stderr))
+    if (args.checkpoint is None) == (args.model is None) or (args.model is not None and args.engine != "ctranslate2"):
+        parser.error("name a --checkpoint, or with --engine ctranslate2 a --model directory (export.py)")
     if args.int8 and device.type != "cpu":
         parser.error("--int8 is for CPU inference; add --device cpu")
-    if args.int8:
-        model = int8_linear_layers(model)
-    dtype = None if args.int8 else amp_dtype(args.amp, device)
-    precision = autocast(device, dtype)
+    options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len, max_tokens=args.max_tokens,
+                   warn=lambda message: print(message, file=sys.stderr))
+    with contextlib.ExitStack() as stack:
+        if args.engine == "ctranslate2":
+            directory = args.model if args.model is not None else export(
+                args.checkpoint, stack.enter_context(tempfile.TemporaryDirectory()) + "/model")
+            model = Engine(directory, device, args.int8, torch.get_num_threads())
+            (src_tokenizer, tgt_tokenizer), cfg = model.tokenizers, model.settings
+            dtype, precision = None, contextlib.nullcontext()
+        else:
+            model, src_tokenizer, tgt_tokenizer, cfg = load_translator(args.checkpoint, device)
+            model = int8_linear_layers(model) if args.int8 else model
+            dtype = None if args.int8 else amp_dtype(args.amp, device)
+            precision = autocast(device, dtype)
+    word_level = cfg["tokenizer"] == "word"
+    options.update(max_len_a=cfg["max_len_a"] if args.max_len_a is None else args.max_len_a,
+                   max_len_b=cfg["max_len_b"] if args.max_len_b is None else args.max_len_b)
 
-    if args.eval:
+    if args.eval is not None:
         pairs, wheres = dataset.read_pairs([args.eval], cfg["lang_src"], cfg["lang_tgt"], strict=True)
         started = time.time()
         with precision:
@@ -167,7 +185,7 @@ def main(argv=None):
                                          names=wheres, **options)
         seconds = time.time() - started
         write_output([json.dumps({"n": len(pairs), **score(hypotheses, [t for _, t in pairs]),
-                                  "sentences_per_sec": len(pairs) / seconds, "beam": args.beam,
+                                  "sentences_per_sec": len(pairs) / seconds, "beam": args.beam, "engine": args.engine,
                                   "amp": str(dtype or "off").removeprefix("torch."), "int8": args.int8})])
         return
     texts = args.texts or read_stdin_lines()

@@ -2,12 +2,14 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pairs.jsonl")
+LEGACY_CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "legacy", "interrupted.pt")  # test_legacy_checkpoint
 sys.path.insert(0, ROOT)
 
 from config import Config  # noqa: E402
@@ -66,3 +68,23 @@ def checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     train.main(tiny_args(run_dir, "--epochs", "1"))
     return str(run_dir / "best.pt")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A directory on a tmpfs of a given size (root only: elsewhere the test skips), unmounted afterwards."""
+    mounted = []
+
+    def mount(size):
+        path = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)])

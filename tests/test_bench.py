@@ -97,13 +97,28 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line_and_in_its_json(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--decode_sentences", "0"], "--decode_sentences and --decode_beam at least 1"),
-    (["--decode_beam", "0"], "--decode_sentences and --decode_beam at least 1"),
-    (["--seconds", "-5"], "--seconds must be positive and finite"),
+    (["--decode_sentences", "0"], "--decode_sentences must be from 1 to 10,000,000 (got 0)"),
+    (["--decode_beam", "0"], "--decode_beam must be from 1 to 128 (got 0)"),
+    (["--seconds=-5"], "--seconds must be from 0.001 to 1,000,000 (got -5.0)"),
     (["--decode_checkpoint", "missing.pt"], "--decode_checkpoint missing.pt: no such file"),
+    (["--decode_file", FIXTURE], "--decode_file needs --decode_checkpoint"),
 ])
 def test_bench_checks_its_flags_before_it_trains(flags, message):
     result = run_script("bench.py", "--data_files", FIXTURE, *TINY, *flags)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]  # one line, and nothing was loaded or trained first
+
+
+def test_bench_decodes_a_checkpoint_in_every_engine_and_precision_with_its_bleu(checkpoint):
+    pytest.importorskip("ctranslate2", reason="CTranslate2 is not installed (pip install ctranslate2)")
+    result = run_script("bench.py", "--data_files", FIXTURE, *TINY, "--variants", "none", "--decode_checkpoint",
+                        checkpoint, "--decode_file", FIXTURE, "--decode_sentences", "40")
+    assert result.returncode == 0, result.stderr
+    rows = [record for record in read_records(result.stdout) if "engine" in record]
+    assert {(row["engine"], row["beam"]) for row in rows} == {
+        (engine, beam) for engine in ("torch_fp32", "torch_bf16", "torch_int8", "ctranslate2_float32",
+                                      "ctranslate2_int8") for beam in (1, 4)}
+    assert all(row["sentences"] == 40 and row["sentences_per_sec"] > 0 and row["bleu"] >= 0 for row in rows)
+    by_engine = {(row["engine"], row["beam"]): row["bleu"] for row in rows}
+    assert by_engine[("torch_fp32", 1)] == by_engine[("ctranslate2_float32", 1)]  # the same tokens

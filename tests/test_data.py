@@ -33,7 +33,7 @@ def test_collate_keeps_every_token_and_eos_of_the_longest_sentence():
 @pytest.mark.parametrize("mode, pack_length", [("bucketed", 0), ("packed", 64)])
 def test_every_token_of_the_fixture_reaches_a_batch(mode, pack_length):
     cfg = Config(data_files=[FIXTURE])
-    pairs, _ = dataset.load_pairs(cfg)
+    pairs, _, _ = dataset.load_pairs(cfg)
     src_tok, tgt_tok = dataset.train_tokenizers(pairs, cfg)
     ids = dataset.special_ids(tgt_tok)
     src_ids, tgt_ids = dataset.encode(src_tok, [s for s, _ in pairs]), dataset.encode(tgt_tok, [t for _, t in pairs])
@@ -58,7 +58,7 @@ def test_every_token_of_the_fixture_reaches_a_batch(mode, pack_length):
 def test_length_filters_count_tokens_not_characters():
     src = [[1] * 150, [1] * 151, [1] * 5, [1] * 5, [1] * 3]
     tgt = [[1] * 160, [1] * 10, [1] * 15, [1] * 16, [1]]
-    assert dataset.length_filter(src, tgt, max_src_tokens=150, max_len_diff=10) == [0, 2, 4]
+    assert dataset.length_filter(src, tgt, max_src_tokens=150, max_len_ratio=1, max_len_diff=10) == [0, 2, 4]
 
 
 def test_unusable_rows_are_dropped_and_counted(tmp_path):
@@ -133,7 +133,7 @@ def test_split_is_seeded_and_stable():
 
 
 def test_bpe_is_joint_and_restores_spacing_exactly():
-    pairs, _ = dataset.load_pairs(Config(data_files=[FIXTURE]))
+    pairs, _, _ = dataset.load_pairs(Config(data_files=[FIXTURE]))
     src_tok, tgt_tok = dataset.train_tokenizers(pairs, Config(tokenizer="bpe", vocab_size=500))
     assert src_tok is tgt_tok
     for text in ["Je n'ai pas faim.", "Where is the  station ?", "« Qu'est-ce que c'est ? » ☃", "Tom"]:

@@ -61,10 +61,11 @@ def test_cached_beam_search_equals_uncached():
 
 def test_length_limit_is_a_times_source_plus_b_within_max_positions():
     src = random_batch([3, 10], vocab=30)
-    assert output_limits(src, PAD, 1.5, 4, 0, 1024).tolist() == [8, 19]
-    assert output_limits(src, PAD, 1.5, 4, 0, 12).tolist() == [8, 11]
-    assert output_limits(src, PAD, 1.5, 4, 5, 1024).tolist() == [5, 5]
-    assert output_limits(src, PAD, 1e30, 4, 0, 1024).tolist() == [1023, 1023]  # no integer overflow to 1 token
+    lengths = (src != PAD).sum(1)
+    assert output_limits(lengths, 1.5, 4, 0, 1024).tolist() == [8, 19]
+    assert output_limits(lengths, 1.5, 4, 0, 12).tolist() == [8, 11]
+    assert output_limits(lengths, 1.5, 4, 5, 1024).tolist() == [5, 5]
+    assert output_limits(lengths, 1e30, 4, 0, 1024).tolist() == [1023, 1023]  # no integer overflow to 1 token
     model = trained_ish_model()
     assert all(len(ids) <= limit for ids, limit in zip(greedy_search(model, src, SOS, EOS, 1.5, 4), [8, 19]))
 
@@ -188,3 +189,16 @@ def test_cached_decoding_equals_uncached_with_a_shallow_decoder():
         search = greedy_search if beam == 1 else lambda *args, **kw: beam_search(*args, beam=beam, **kw)
         cached = search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6)
         assert cached == search(model, SOURCES, SOS, EOS, max_len_a=1, max_len_b=6, use_cache=False)
+
+
+def test_a_model_that_would_stop_at_once_still_translates_every_sentence():
+    """An undertrained model often rates EOS first: beam search then returned empty translations (GNMT's penalty
+    does not rule out a hypothesis of EOS alone), where greedy search and CTranslate2 returned words."""
+    model = trained_ish_model()
+    with torch.no_grad():  # the decoder's last state is one fixed vector, which the EOS row matches best
+        model.decoder_norm.weight.zero_()
+        model.decoder_norm.bias.normal_()
+        model.output.weight[EOS] = 10 * model.decoder_norm.bias
+    for outputs in (greedy_search(model, SOURCES, SOS, EOS), beam_search(model, SOURCES, SOS, EOS, beam=4),
+                    beam_search(model, SOURCES, SOS, EOS, beam=4, use_cache=False)):
+        assert all(len(output) == 1 for output in outputs)  # one word, then the EOS the model wants

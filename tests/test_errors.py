@@ -124,8 +124,8 @@ def test_a_validation_split_the_model_cannot_take_is_refused_before_training(tmp
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(long if i in pairs else short for i in range(40)) + "\n")
     result = run_script("train.py", "--data_files", str(data), "--run_dir", str(tmp_path / "run"), "--device", "cpu",
-                        "--val_fraction", "0.05", "--max_src_tokens", "5", "--max_len_diff", "2",
-                        "--max_positions", "8")
+                        "--val_fraction", "0.05", "--max_src_tokens", "5", "--max_len_ratio", "1",
+                        "--max_len_diff", "2", "--max_positions", "8")
     assert_one_line_error(result, "none of the 2 validation pairs fits the model (--max_positions 8")
     assert "train:" not in result.stdout
 
@@ -203,7 +203,7 @@ def test_a_hand_edited_checkpoint_is_one_line(checkpoint, tmp_path, edit, messag
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--max_len_a", "-1"], "--max_len_a must be a finite number, not negative"),
+    (["--max_len_a=-1"], "--max_len_a must be from 0 to 65,536 (got -1.0)"),
     (["--length_penalty", "nan", "--beam", "4"], "--length_penalty must be"),
 ])
 def test_translate_refuses_length_options_that_would_empty_its_output(checkpoint, flags, message):
@@ -273,8 +273,8 @@ def test_a_time_budget_on_a_run_shorter_than_its_timing_window_ends_the_run(tmp_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--length_penalty", "1e300", "--beam", "2"], "--length_penalty must be at most 10"),
-    (["--beam", "100000"], "--beam must be at most 128"),
+    (["--length_penalty", "1e300", "--beam", "2"], "--length_penalty must be from 0 to 10"),
+    (["--beam", "100000"], "--beam must be from 1 to 128 (got 100,000)"),
 ])
 def test_translate_refuses_options_beyond_their_bounds(checkpoint, flags, message):
     assert_one_line_error(run_script("translate.py", "--checkpoint", checkpoint, *flags, "Hello."), message)

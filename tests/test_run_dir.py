@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 
 import pytest
 import torch
@@ -69,26 +68,6 @@ def test_the_quick_start_command_twice_keeps_the_first_runs_best_checkpoint(tmp_
                             cwd=tmp_path / "clone", capture_output=True, text=True)
     assert second.returncode == 1 and "holds another run" in second.stderr
     assert (run_dir / "best.pt").read_bytes() == best
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A directory on a tmpfs of a given size (root only: elsewhere the test skips), unmounted afterwards."""
-    mounted = []
-
-    def mount(size):
-        path = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-        path.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                                capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not root'})")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in mounted:
-        subprocess.run(["umount", "-l", str(path)])
 
 
 @pytest.mark.parametrize("size, fails_at", [("8k", "tokenizer_fr.json"), ("600k", "last.pt"),

@@ -408,6 +408,7 @@ def test_readme_reference_command_builds_the_reference_recipe():
         (512, 8, 128, 6, 3, "cycle_rev")
     assert (cfg.n_decoder_layers or cfg.n_layers) == 6 and cfg.ema_decay == 0 and cfg.tokenizer == "word"
     assert not cfg.lowercase_source
+    assert (cfg.max_len_ratio, cfg.max_len_diff, cfg.sampling_temperature) == (1, 10, 1)  # target <= source + 10
     total = 1000
     reference_optimizer = torch.optim.AdamW(make_model().parameters())
     reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=1e-3, total_steps=total,

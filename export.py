@@ -1,0 +1,224 @@
+"""Export a checkpoint to CTranslate2, the engine fairseq, OpenNMT-py and Marian models are served with.
+
+    python export.py --checkpoint runs/opus_books/last.pt --out runs/opus_books/ct2 [--quantization int8]
+    python translate.py --engine ctranslate2 --model runs/opus_books/ct2 "I am tired."
+
+The directory holds the engine's model (model.bin, config.json, vocabularies), the checkpoint's tokenizers and
+decoding settings (translator.json) and a README on loading it. The model is described through
+ctranslate2.specs: a pre-norm Transformer with ReLU feed-forward layers, the checkpoint's own sinusoidal table,
+embeddings scaled by sqrt(d_model), fused query-key-value projections; shared layers are unrolled, each position
+taking the weights of the block it uses. The directory is written whole or not at all.
+"""
+import argparse
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from tokenizers import Tokenizer
+
+import dataset
+from config import OneLineParser, parse_bool
+from errors import RunError, one_line_errors
+from model import output_limits
+
+QUANTIZATIONS = ("float32", "int8", "int16", "float16")
+SETTINGS_FILE = "translator.json"  # what translate.py needs beside the engine's files
+README = """# A CTranslate2 model exported by export.py
+
+From {checkpoint}, weights in {quantization}.
+
+```python
+import ctranslate2, tokenizers
+translator = ctranslate2.Translator("{out}", device="cpu", compute_type="{compute_type}")
+source = tokenizers.Tokenizer.from_file("{out}/tokenizer_source.json")
+target = tokenizers.Tokenizer.from_file("{out}/tokenizer_target.json")
+result = translator.translate_batch([source.encode("I am tired.", add_special_tokens=False).tokens], beam_size=4)
+print(target.decode([target.token_to_id(token) for token in result[0].hypotheses[0]]))
+```
+
+`python translate.py --engine ctranslate2 --model {out} ...` translates text as the checkpoint does, with its
+length limit (at most {max_len_a:g} x source tokens + {max_len_b}) and its input and output conventions.
+"""
+
+
+def model_spec(model, vocabularies, ids):
+    """The ctranslate2.specs.TransformerSpec of this Transformer, its weights as numpy arrays."""
+    from ctranslate2.specs import common_spec, transformer_spec
+    spec = transformer_spec.TransformerSpec.from_config(
+        (len(model.encoder_layers), len(model.decoder_layers)), model.encoder_layers[0].self_attn.n_heads,
+        pre_norm=True, activation=common_spec.Activation.RELU)
+    spec.config.layer_norm_epsilon = model.encoder_norm.eps
+    for name, token in (("unk_token", "unk"), ("bos_token", "sos"), ("eos_token", "eos"),
+                        ("decoder_start_token", "sos")):
+        setattr(spec.config, name, vocabularies[1][ids[token]])
+    spec.config.add_source_eos = True  # training appends EOS to every source
+
+    def array(tensor):
+        return tensor.detach().float().cpu().numpy()
+
+    def linear(target, module):
+        target.weight = array(module.weight)
+        if module.bias is not None:
+            target.bias = array(module.bias)
+
+    def norm(target, module):
+        target.gamma, target.beta = array(module.weight), array(module.bias)
+
+    def feed_forward(target, block):
+        norm(target.layer_norm, block.ff_norm)
+        linear(target.linear_0, block.ff[0])
+        linear(target.linear_1, block.ff[3])
+
+    positions = array(model.positions)
+    for side, embedding, layers, final_norm in (
+            (spec.encoder, model.src_embed, model.encoder_layers, model.encoder_norm),
+            (spec.decoder, model.tgt_embed, model.decoder_layers, model.decoder_norm)):
+        (side.embeddings[0] if isinstance(side.embeddings, list) else side.embeddings).weight = array(embedding.weight)
+        side.scale_embeddings = True
+        side.position_encodings.encodings = positions
+        norm(side.layer_norm, final_norm)
+        for target, block in zip(side.layer, layers):  # shared blocks: every position gets its block's weights
+            norm(target.self_attention.layer_norm, block.self_attn_norm)
+            linear(target.self_attention.linear[0], block.self_attn.query_key_value)
+            linear(target.self_attention.linear[1], block.self_attn.out)
+            if side is spec.decoder:
+                norm(target.attention.layer_norm, block.cross_attn_norm)
+                linear(target.attention.linear[0], block.cross_attn.query)
+                linear(target.attention.linear[1], block.cross_attn.key_value)
+                linear(target.attention.linear[2], block.cross_attn.out)
+            feed_forward(target.ffn, block)
+    linear(spec.decoder.projection, model.output)
+    spec.register_source_vocabulary(vocabularies[0])
+    spec.register_target_vocabulary(vocabularies[1])
+    return spec
+
+
+def vocabulary(tokenizer):
+    """The tokenizer's tokens in id order, as the engine takes a vocabulary."""
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    return [by_id[index] for index in range(tokenizer.get_vocab_size())]
+
+
+def export(checkpoint, out, quantization="float32", force=False):
+    """Write the CTranslate2 directory `out` for this checkpoint: built and validated in a temporary directory
+    beside it, then renamed into place, so that a failure at any point leaves nothing behind."""
+    require_engine()
+    if os.path.lexists(out) and not (force and os.path.isdir(out)):
+        raise RunError(f"--out {out} exists; name a new directory, or pass --force true to replace a directory")
+    from translate import load_translator  # translate.py decodes with Engine: imported here, not in a cycle
+    model, src_tokenizer, tgt_tokenizer, cfg = load_translator(checkpoint, torch.device("cpu"))
+    ids = dataset.special_ids(tgt_tokenizer)
+    vocabularies = vocabulary(src_tokenizer), vocabulary(tgt_tokenizer)
+    try:
+        spec = model_spec(model, vocabularies, ids)
+        spec.validate()
+        spec.optimize(quantization=quantization)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise RunError(f"CTranslate2 cannot hold {checkpoint}'s model ({error}); nothing was written") from None
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+    except OSError as error:
+        raise RunError(f"cannot write into {parent}: {error.strerror}") from None
+    try:
+        spec.save(staging)
+        src_tokenizer.save(os.path.join(staging, "tokenizer_source.json"))
+        tgt_tokenizer.save(os.path.join(staging, "tokenizer_target.json"))
+        settings = {"tokenizer": cfg["tokenizer"], "max_len_a": cfg["max_len_a"],
+                    "max_len_b": cfg["max_len_b"], "max_positions": cfg["max_positions"],
+                    "lang_src": cfg["lang_src"], "lang_tgt": cfg["lang_tgt"], "quantization": quantization,
+                    "checkpoint": os.path.abspath(checkpoint)}
+        with open(os.path.join(staging, SETTINGS_FILE), "w") as file:
+            json.dump(settings, file, indent=1)
+        with open(os.path.join(staging, "README.md"), "w") as file:
+            file.write(README.format(
+                                     out=out, compute_type=compute_type(quantization), **settings))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # a temporary directory is private; the model directory is not
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.rename(staging, out)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+        raise RunError(f"could not write {out} ({reason}); nothing of it was left behind") from None
+    return out
+
+
+def require_engine():
+    """The ctranslate2 module, or one line on how to install it (requirements.txt lists it)."""
+    try:
+        import ctranslate2
+    except ImportError:
+        raise RunError("CTranslate2 is not installed: pip install ctranslate2") from None
+    return ctranslate2
+
+
+class Engine:
+    """A directory export() wrote, loaded in CTranslate2: translates token ids as model.translate does, with its
+    length limits (output_limits), so that both engines take the same inputs and give comparable outputs."""
+
+    def __init__(self, directory, device, int8=False, threads=0):
+        ctranslate2 = require_engine()
+        try:
+            with open(os.path.join(directory, SETTINGS_FILE)) as file:
+                self.settings = json.load(file)
+            self.tokenizers = [Tokenizer.from_file(os.path.join(directory, f"tokenizer_{side}.json"))
+                               for side in ("source", "target")]
+            compute = "int8" if int8 else compute_type(self.settings["quantization"]) if device.type == "cpu" else \
+                "default"
+            self.translator = ctranslate2.Translator(directory, device=device.type, compute_type=compute,
+                                                     intra_threads=threads)
+        except Exception as error:  # a missing or edited file: OSError, JSON's ValueError, the engine's RuntimeError
+            reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+            raise RunError(f"--model {directory}: not a model directory export.py wrote ({reason})") from None
+        self.max_positions = self.settings["max_positions"]
+        self.source_tokens = vocabulary(self.tokenizers[0])
+        self.target_ids = {token: index for index, token in enumerate(vocabulary(self.tokenizers[1]))}
+
+    def translate(self, sources, beam=1, alpha=0.6, max_len_a=1.2, max_len_b=10, max_len=0, max_tokens=6000):
+        """Token-id lists (no specials) to token-id lists, in input order. Sentences of one source length share
+        one length limit and one call; CTranslate2 batches each call by max_tokens source tokens (x beam). Its
+        beam search ranks finished hypotheses by log P / |Y| ** alpha, model.beam_search by GNMT's penalty."""
+        limits = output_limits(torch.tensor([len(ids) + 1 for ids in sources], dtype=torch.long), max_len_a,
+                               max_len_b, max_len, self.max_positions).tolist()
+        groups = {}
+        for index, limit in enumerate(limits):  # greedy: one call, each output cut to its limit, as greedy_search
+            groups.setdefault(limit if beam > 1 else max(limits), []).append(index)
+        results = [None] * len(sources)
+        for limit, indices in groups.items():
+            batch = [[self.source_tokens[token] for token in sources[index]] for index in indices]
+            outputs = self.translator.translate_batch(batch, beam_size=beam, length_penalty=alpha,
+                                                      max_decoding_length=limit, min_decoding_length=1,
+                                                      batch_type="tokens",
+                                                      max_batch_size=max(1, max_tokens // beam))
+            for index, output in zip(indices, outputs):
+                results[index] = [self.target_ids[token] for token in output.hypotheses[0][:limits[index]]]
+        return results
+
+
+def compute_type(quantization):
+    """The engine's compute type for weights saved in `quantization`: float16 weights compute in float32 on a CPU."""
+    return {"float16": "float32"}.get(quantization, quantization)
+
+
+@one_line_errors
+def main(argv=None):
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train.py")
+    parser.add_argument("--out", required=True, help="the CTranslate2 model directory to write")
+    parser.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
+                        help="weight type (int8: about 4x smaller and faster on a CPU)")
+    parser.add_argument("--force", type=parse_bool, default=False, metavar="true|false",
+                        help="replace --out if it is a directory")
+    args = parser.parse_args(argv)
+    out = export(args.checkpoint, args.out, args.quantization, args.force)
+    print(f"exported {args.checkpoint} to {out} ({args.quantization}, "
+          f"{sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)) / 2 ** 20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
