@@ -354,13 +354,10 @@ def without_validation_pairs(train_pairs, val_pairs, log):
     """Training pairs that repeat a validation pair (duplicates in a corpus, or a file passed twice) would make
     validation score sentences the model trained on: they are left out of training, and counted."""
     val_set = set(val_pairs)
-    kept = [pair for pair in train_pairs if pair not in val_set]
-    if len(kept) < len(train_pairs):
-        log(f"warning: {len(train_pairs) - len(kept):,} training pairs repeat a validation pair (duplicates in the "
-            "data, or a file passed twice); they were left out of training")
-    if not kept:
-        raise RunError("every training pair repeats a validation pair; the data holds too few distinct pairs")
-    return kept
+    return _left_out(train_pairs, lambda pair: pair in val_set, log,
+                     "warning: {:,} training pairs repeat a validation pair (duplicates in the data, or a file "
+                     "passed twice); they were left out of training",
+                     "every training pair repeats a validation pair; the data holds too few distinct pairs")
 
 
 def read_eval_files(cfg):
@@ -380,12 +377,20 @@ def without_eval_sources(train_pairs, eval_pairs, log):
     """Training pairs whose source sentence is one of an evaluation set's would score text the model trained on:
     they are left out of training, and counted."""
     sources = {source for pairs in eval_pairs.values() for source, _ in pairs}
-    kept = [pair for pair in train_pairs if pair[0] not in sources]
+    return _left_out(train_pairs, lambda pair: pair[0] in sources, log,
+                     "data: {:,} training pairs have the source of an --eval_files pair; they were left out of "
+                     "training",
+                     "every training pair has the source of an --eval_files pair; evaluate on other files")
+
+
+def _left_out(train_pairs, held_out, log, counted, refused):
+    """The training pairs for which held_out(pair) is false; logs `counted` with how many were left out, and
+    refuses with `refused` when none is left."""
+    kept = [pair for pair in train_pairs if not held_out(pair)]
     if len(kept) < len(train_pairs):
-        log(f"data: {len(train_pairs) - len(kept):,} training pairs have the source of an --eval_files pair; they "
-            "were left out of training")
+        log(counted.format(len(train_pairs) - len(kept)))
     if not kept:
-        raise RunError("every training pair has the source of an --eval_files pair; evaluate on other files")
+        raise RunError(refused)
     return kept
 
 
