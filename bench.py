@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -358,36 +359,43 @@ def main(argv=None):
     emit(decoding)
 
 
-def compare_engines(path, pairs, device, beam):
+def compare_engines(path, pairs, device, beam, repeats=3):
     """One record per engine, precision and search (greedy, beam) for translate.py's path on these pairs: the
     PyTorch model in fp32, bf16 (or fp16 on CUDA) and int8 (a CPU), and CTranslate2 in float32 and int8 (where
-    installed), each with its sentences/s and BLEU, text in and text out, all in this one process."""
+    installed), each with its BLEU and its sentences/s: the median of `repeats` passes after one untimed pass
+    (which fills the engines' caches and memory pools), text in and text out, all in this one process. Each
+    CTranslate2 engine is built just before its rows and let go after them."""
     model, src_tokenizer, tgt_tokenizer, saved = load_translator(path, device)
     half = torch.float16 if device.type == "cuda" else torch.bfloat16
-    engines = {"torch_fp32": (model, None), f"torch_{PRECISION_NAMES[half]}": (model, half)}
+    engines = {"torch_fp32": lambda: (model, None), f"torch_{PRECISION_NAMES[half]}": lambda: (model, half)}
     if device.type == "cpu":
-        engines["torch_int8"] = (int8_linear_layers(model), None)
-    with contextlib.ExitStack() as stack:
+        engines["torch_int8"] = lambda: (int8_linear_layers(model), None)
+    texts, references = [source for source, _ in pairs], [target for _, target in pairs]
+    with tempfile.TemporaryDirectory() as scratch:
         try:
-            directory = export.export(path, stack.enter_context(tempfile.TemporaryDirectory()) + "/model")
-            engines.update({f"ctranslate2_{name}": (export.Engine(directory, device, name == "int8",
-                                                                  torch.get_num_threads()), None)
-                            for name in ("float32", "int8")})
+            directory = export.export(path, scratch + "/model")
+            engines["ctranslate2_float32"] = lambda: (export.Engine(directory, device, False, torch.get_num_threads()),
+                                                      None)
+            engines["ctranslate2_int8"] = lambda: (export.Engine(directory, device, True, torch.get_num_threads()),
+                                                   None)
         except RunError as error:  # not installed: the PyTorch rows still come
             log(f"ctranslate2 rows left out: {error}")
-        texts, references = [source for source, _ in pairs], [target for _, target in pairs]
-        for name, (engine, dtype) in engines.items():
+        for name, build in engines.items():
+            engine, dtype = build()
             for search_beam in (1, beam):
-                started = time.perf_counter()
-                with runtime.autocast(device, dtype):
-                    hypotheses = translate_texts(texts, engine, src_tokenizer, tgt_tokenizer,
-                                                 saved["tokenizer"] == "word", beam=search_beam,
-                                                 alpha=saved["length_penalty"], max_len_a=saved["max_len_a"],
-                                                 max_len_b=saved["max_len_b"], warn=log)
-                runtime.synchronize(device)
-                seconds = time.perf_counter() - started
+                speeds = []
+                for _ in range(repeats + 1):
+                    started = time.perf_counter()
+                    with runtime.autocast(device, dtype):
+                        hypotheses = translate_texts(texts, engine, src_tokenizer, tgt_tokenizer,
+                                                     saved["tokenizer"] == "word", beam=search_beam,
+                                                     alpha=saved["length_penalty"], max_len_a=saved["max_len_a"],
+                                                     max_len_b=saved["max_len_b"], warn=log)
+                    runtime.synchronize(device)
+                    speeds.append(len(texts) / (time.perf_counter() - started))
                 yield {"engine": name, "beam": search_beam, "sentences": len(texts),
-                       "sentences_per_sec": len(texts) / seconds, "bleu": score(hypotheses, references)["bleu"]}
+                       "sentences_per_sec": statistics.median(speeds[1:]), "bleu": score(hypotheses, references)["bleu"]}
+            del engine
 
 
 if __name__ == "__main__":

@@ -25,16 +25,19 @@ from model import output_limits
 
 QUANTIZATIONS = ("float32", "int8", "int16", "float16")
 SETTINGS_FILE = "translator.json"  # what translate.py needs beside the engine's files
+CPU_BATCH_TOKENS = 1000  # source tokens a CPU worker decodes at once (x beam): measured in docs/experiments.md
 README = """# A CTranslate2 model exported by export.py
 
 From {checkpoint}, weights in {quantization}.
 
 ```python
-import ctranslate2, tokenizers
-translator = ctranslate2.Translator("{out}", device="cpu", compute_type="{compute_type}")
+import os, ctranslate2, tokenizers
+translator = ctranslate2.Translator("{out}", device="cpu", compute_type="{compute_type}",
+                                    inter_threads=os.cpu_count(), intra_threads=1)  # a worker per core
 source = tokenizers.Tokenizer.from_file("{out}/tokenizer_source.json")
 target = tokenizers.Tokenizer.from_file("{out}/tokenizer_target.json")
-result = translator.translate_batch([source.encode("I am tired.", add_special_tokens=False).tokens], beam_size=4)
+result = translator.translate_batch([source.encode("I am tired.", add_special_tokens=False).tokens], beam_size=4,
+                                    max_batch_size=250, batch_type="tokens")
 print(target.decode([target.token_to_id(token) for token in result[0].hypotheses[0]]))
 ```
 
@@ -133,8 +136,7 @@ def export(checkpoint, out, quantization="float32", force=False):
         with open(os.path.join(staging, SETTINGS_FILE), "w") as file:
             json.dump(settings, file, indent=1)
         with open(os.path.join(staging, "README.md"), "w") as file:
-            file.write(README.format(
-                                     out=out, compute_type=compute_type(quantization), **settings))
+            file.write(README.format(out=out, compute_type=compute_type(quantization), **settings))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # a temporary directory is private; the model directory is not
@@ -159,7 +161,9 @@ def require_engine():
 
 class Engine:
     """A directory export() wrote, loaded in CTranslate2: translates token ids as model.translate does, with its
-    length limits (output_limits), so that both engines take the same inputs and give comparable outputs."""
+    length limits (output_limits), so that both engines take the same inputs and give comparable outputs.
+    On a CPU it runs `threads` single-threaded workers, each decoding its own batch (CTranslate2's
+    inter_threads): small decoding steps keep one core busy better than they split over two."""
 
     def __init__(self, directory, device, int8=False, threads=0):
         ctranslate2 = require_engine()
@@ -170,33 +174,40 @@ class Engine:
                                for side in ("source", "target")]
             compute = "int8" if int8 else compute_type(self.settings["quantization"]) if device.type == "cpu" else \
                 "default"
-            self.translator = ctranslate2.Translator(directory, device=device.type, compute_type=compute,
-                                                     intra_threads=threads)
+            workers = dict(inter_threads=threads or os.cpu_count(), intra_threads=1) if device.type == "cpu" else {}
+            torch_threads = torch.get_num_threads()
+            self.translator = ctranslate2.Translator(directory, device=device.type, compute_type=compute, **workers)
+            # the engine sets the calling thread's OpenMP threads to intra_threads, and PyTorch shares that count
+            torch.set_num_threads(torch_threads)
         except Exception as error:  # a missing or edited file: OSError, JSON's ValueError, the engine's RuntimeError
             reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
             raise RunError(f"--model {directory}: not a model directory export.py wrote ({reason})") from None
+        self.batch_tokens = CPU_BATCH_TOKENS if device.type == "cpu" else None
         self.max_positions = self.settings["max_positions"]
         self.source_tokens = vocabulary(self.tokenizers[0])
         self.target_ids = {token: index for index, token in enumerate(vocabulary(self.tokenizers[1]))}
 
     def translate(self, sources, beam=1, alpha=0.6, max_len_a=1.2, max_len_b=10, max_len=0, max_tokens=6000):
-        """Token-id lists (no specials) to token-id lists, in input order. Sentences of one source length share
-        one length limit and one call; CTranslate2 batches each call by max_tokens source tokens (x beam). Its
-        beam search ranks finished hypotheses by log P / |Y| ** alpha, model.beam_search by GNMT's penalty."""
+        """Token-id lists (no specials) to token-id lists, in input order. Greedy search is one call, each
+        output cut to its own length limit (exact: a greedy continuation does not depend on the limit); beam
+        search is one call per source length, so that each sentence keeps its limit; all calls are queued at
+        once for the workers. CTranslate2 sorts each call's sentences by length and batches them by source
+        tokens (x beam). Its beam search ranks finished hypotheses by log P / |Y| ** alpha, model.beam_search
+        by GNMT's penalty."""
         limits = output_limits(torch.tensor([len(ids) + 1 for ids in sources], dtype=torch.long), max_len_a,
                                max_len_b, max_len, self.max_positions).tolist()
         groups = {}
-        for index, limit in enumerate(limits):  # greedy: one call, each output cut to its limit, as greedy_search
+        for index, limit in enumerate(limits):
             groups.setdefault(limit if beam > 1 else max(limits), []).append(index)
+        batch_tokens = max(1, min(max_tokens, self.batch_tokens or max_tokens) // beam)
+        queued = [(indices, self.translator.translate_batch(
+            [[self.source_tokens[token] for token in sources[index]] for index in indices], beam_size=beam,
+            length_penalty=alpha, max_decoding_length=limit, min_decoding_length=1, max_input_length=0,
+            batch_type="tokens", max_batch_size=batch_tokens, asynchronous=True)) for limit, indices in groups.items()]
         results = [None] * len(sources)
-        for limit, indices in groups.items():
-            batch = [[self.source_tokens[token] for token in sources[index]] for index in indices]
-            outputs = self.translator.translate_batch(batch, beam_size=beam, length_penalty=alpha,
-                                                      max_decoding_length=limit, min_decoding_length=1,
-                                                      batch_type="tokens",
-                                                      max_batch_size=max(1, max_tokens // beam))
+        for indices, outputs in queued:
             for index, output in zip(indices, outputs):
-                results[index] = [self.target_ids[token] for token in output.hypotheses[0][:limits[index]]]
+                results[index] = [self.target_ids[token] for token in output.result().hypotheses[0][:limits[index]]]
         return results
 
 

@@ -3,6 +3,7 @@ path does (greedy in float32; beam search ranks finished hypotheses by another l
 most sentences, not all), for each kind of model the project trains; a failed export leaves nothing behind."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -68,6 +69,30 @@ def test_beam_search_agrees_on_at_least_95_percent(trained):
     ours, engines = both_engines(*trained, beam=4)
     agree = sum(a == b for a, b in zip(ours, engines))
     assert agree >= 0.95 * len(ours), f"{agree} of {len(ours)}"
+
+
+def test_an_engine_leaves_pytorch_with_its_threads(exported):
+    """The engine sets the OpenMP thread count of the thread that builds it to its per-worker count (1), and
+    PyTorch reads the same count: a PyTorch model decoding after it (bench.py) would run on one core."""
+    _, directory = exported("word_untied")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = export.Engine(directory, torch.device("cpu"), threads=2)
+        assert torch.get_num_threads() == 2
+        assert engine.translate([[5, 6, 7]])[0]  # and its two workers translate
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_snippet_in_the_exported_readme_runs_and_translates(exported):
+    _, directory = exported("bpe_tied_shared")
+    readme = open(os.path.join(directory, "README.md")).read()
+    snippet = readme.split("```python\n")[1].split("```")[0]
+    result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].strip()  # one translation, not an empty one
 
 
 def test_shared_blocks_are_unrolled_and_tied_embeddings_shared(exported, tmp_path):
