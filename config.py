@@ -109,7 +109,7 @@ class Config:
     lowercase_source: bool = DATA(True, 'word tokenizer: fold the source\'s case ("Forget it!" reads as "forget it!")')
     d_model: int = MODEL(256, "width of embeddings and residual stream", bounds=(2, 2 ** 14))
     n_heads: int = MODEL(8, "attention heads; must divide d_model", bounds=(1, 2 ** 10))
-    d_ff: int = MODEL(128, "hidden width of the feed-forward sublayer", bounds=(1, 2 ** 16))
+    d_ff: int = MODEL(512, "hidden width of the feed-forward sublayer (the reference: 128)", bounds=(1, 2 ** 16))
     n_layers: int = MODEL(6, "layers in the encoder (and in the decoder, unless n_decoder_layers says otherwise)",
                           bounds=(1, 2 ** 10))
     n_decoder_layers: int = MODEL(1, "layers in the decoder (0 = n_layers): a shallow one decodes and trains faster",
