@@ -394,7 +394,8 @@ def compare_engines(path, pairs, device, beam, repeats=3):
                     runtime.synchronize(device)
                     speeds.append(len(texts) / (time.perf_counter() - started))
                 yield {"engine": name, "beam": search_beam, "sentences": len(texts),
-                       "sentences_per_sec": statistics.median(speeds[1:]), "bleu": score(hypotheses, references)["bleu"]}
+                       "sentences_per_sec": statistics.median(speeds[1:]),
+                       "bleu": score(hypotheses, references)["bleu"]}
             del engine
 
 
