@@ -374,10 +374,8 @@ def compare_engines(path, pairs, device, beam, repeats=3):
     with tempfile.TemporaryDirectory() as scratch:
         try:
             directory = export.export(path, scratch + "/model")
-            engines["ctranslate2_float32"] = lambda: (export.Engine(directory, device, False, torch.get_num_threads()),
-                                                      None)
-            engines["ctranslate2_int8"] = lambda: (export.Engine(directory, device, True, torch.get_num_threads()),
-                                                   None)
+            for name, int8 in (("float32", False), ("int8", True)):
+                engines[f"ctranslate2_{name}"] = lambda int8=int8: (export.Engine(directory, device, int8), None)
         except RunError as error:  # not installed: the PyTorch rows still come
             log(f"ctranslate2 rows left out: {error}")
         for name, build in engines.items():

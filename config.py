@@ -204,7 +204,8 @@ class Config:
             value, bounds = getattr(self, f.name), f.metadata["bounds"]
             if hints[f.name] in (int, float):
                 require(bounds is not None, f"config.py: field {f.name} needs bounds=(low, high)")
-                require(out_of_bounds(f.name, value, bounds) is None, out_of_bounds(f.name, value, bounds))
+                complaint = out_of_bounds(f.name, value, bounds)
+                require(complaint is None, complaint)
             for text in value if isinstance(value, list) else [value]:
                 require(not isinstance(text, str) or is_text(text), f"--{f.name} must be UTF-8 text (got "
                                                                      f"{shown(text)})")
@@ -300,5 +301,6 @@ class OneLineParser(argparse.ArgumentParser):
         (a flag left at None is not given)."""
         for name, bounds in flag_bounds.items():
             value = getattr(args, name)
-            if value is not None and out_of_bounds(name, value, bounds):
-                self.error(out_of_bounds(name, value, bounds))
+            complaint = None if value is None else out_of_bounds(name, value, bounds)
+            if complaint:
+                self.error(complaint)

@@ -162,8 +162,8 @@ def require_engine():
 class Engine:
     """A directory export() wrote, loaded in CTranslate2: translates token ids as model.translate does, with its
     length limits (output_limits), so that both engines take the same inputs and give comparable outputs.
-    On a CPU it runs `threads` single-threaded workers, each decoding its own batch (CTranslate2's
-    inter_threads): small decoding steps keep one core busy better than they split over two."""
+    On a CPU it runs `threads` (default: PyTorch's thread count) single-threaded workers, each decoding its own
+    batch (CTranslate2's inter_threads): small decoding steps keep one core busy better than they split over two."""
 
     def __init__(self, directory, device, int8=False, threads=0):
         ctranslate2 = require_engine()
@@ -174,8 +174,8 @@ class Engine:
                                for side in ("source", "target")]
             compute = "int8" if int8 else compute_type(self.settings["quantization"]) if device.type == "cpu" else \
                 "default"
-            workers = dict(inter_threads=threads or os.cpu_count(), intra_threads=1) if device.type == "cpu" else {}
             torch_threads = torch.get_num_threads()
+            workers = dict(inter_threads=threads or torch_threads, intra_threads=1) if device.type == "cpu" else {}
             self.translator = ctranslate2.Translator(directory, device=device.type, compute_type=compute, **workers)
             # the engine sets the calling thread's OpenMP threads to intra_threads, and PyTorch shares that count
             torch.set_num_threads(torch_threads)

@@ -165,7 +165,7 @@ def main(argv=None):
         if args.engine == "ctranslate2":
             directory = args.model if args.model is not None else export(
                 args.checkpoint, stack.enter_context(tempfile.TemporaryDirectory()) + "/model")
-            model = Engine(directory, device, args.int8, torch.get_num_threads())
+            model = Engine(directory, device, args.int8)
             (src_tokenizer, tgt_tokenizer), cfg = model.tokenizers, model.settings
             dtype, precision = None, contextlib.nullcontext()
         else:
