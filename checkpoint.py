@@ -253,25 +253,32 @@ def claim_run_dir(run_dir, resume_path, overwrite, is_main):
         raise RunError(f"--run_dir {run_dir} holds another run ({os.path.basename(held[0])}"
                        f"{'' if step is None else f' at step {step:,}'}); continue it with --resume auto, train "
                        "anew in another --run_dir, or replace it with --overwrite true")
-    if is_main:
-        for name in ["last.pt", "best.pt", "metrics.jsonl"] + [name for name in os.listdir(run_dir)
-                                                              if name.startswith("events.out.tfevents.")]:
-            path = os.path.join(run_dir, name)
-            try:
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                elif os.path.lexists(path):
-                    os.remove(path)
-            except OSError as error:
-                raise RunError(f"--overwrite: could not remove {path}: {error.strerror}") from None
+    if not is_main:
+        return
+    paths = [os.path.join(run_dir, name) for name in ["last.pt", "best.pt", "metrics.jsonl"]
+             + sorted(name for name in os.listdir(run_dir) if name.startswith("events.out.tfevents."))]
+    paths = [path for path in paths if os.path.lexists(path)]
+    other = next((path for path in paths if os.path.islink(path) or not os.path.isfile(path)), None)
+    if other:  # checked for all before any is removed
+        raise RunError(f"--overwrite: {other} is not a file this project writes (a directory or a link); "
+                       "--overwrite removes only the run's own files: move it away, or train in another --run_dir")
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError as error:
+            raise RunError(f"--overwrite: could not remove {path}: {error.strerror}") from None
 
 
-def check_same_data(checkpoint, fingerprint, path):
+def check_same_data(checkpoint, data, path):
     """Refuse to resume on data whose text changed: the old tokenizers and a reshuffled split would quietly
-    move former training pairs into validation. (Checkpoints from before fingerprints pass unchecked.)"""
-    if checkpoint.get("data_fingerprint", fingerprint) != fingerprint:
-        raise RunError(f"the data has changed since {path} was written (the pairs in --data_files, or the "
-                       "hub dataset, differ); resume with the data it was trained on, or start a new --run_dir")
+    move former training pairs into validation, and a changed --eval_files set would change which pairs are
+    left out of training and mix two sets in its metrics. (Checkpoints from before either fingerprint pass
+    unchecked on it.)"""
+    if (checkpoint.get("data_fingerprint", data.fingerprint) != data.fingerprint
+            or checkpoint.get("eval_fingerprint", data.eval_fingerprint) != data.eval_fingerprint):
+        raise RunError(f"the data has changed since {path} was written (the pairs in --data_files or "
+                       "--eval_files, or the hub dataset, differ); resume with the data it was trained on, or start "
+                       "a new --run_dir")
 
 
 def best_first(line):

@@ -262,6 +262,7 @@ class Data:
     n_train_pairs: int  # the training split's size (before the length filters), which tokenizer=auto goes by
     eval_sets: dict = dataclasses.field(default_factory=dict)  # --eval_files: name -> (TranslationDataset, pairs)
     train_files: list = None  # the data file (its number in --data_files) of each training example
+    eval_fingerprint: str = ""  # digest of every --eval_files set: its name and its pairs, in order
 
 
 def prepare_data(cfg, tokenizers=None, log=print):
@@ -325,7 +326,8 @@ def prepare_data(cfg, tokenizers=None, log=print):
         for pair in pairs[start:start + size]:
             source_file.setdefault(pair, number)
     data = Data(src_tokenizer, tgt_tokenizer, ids, subset(train_src, train_tgt, keep), val, fitting_val_pairs,
-                fingerprint(pairs), len(train_pairs), eval_sets, [source_file[train_pairs[i]] for i in keep])
+                fingerprint(pairs), len(train_pairs), eval_sets, [source_file[train_pairs[i]] for i in keep],
+                fingerprint([(name, fingerprint(held_out)) for name, held_out in eval_pairs.items()]))
     lap("validation")
     log(f"data: ready in {sum(seconds.values()):.1f} s ("
         + ", ".join(f"{name} {value:.1f}" for name, value in seconds.items()) + ")")

@@ -10,9 +10,13 @@ embeddings scaled by sqrt(d_model), fused query-key-value projections; shared la
 taking the weights of the block it uses. The directory is written whole or not at all.
 """
 import argparse
+import fcntl
 import json
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
 
 import torch
@@ -25,6 +29,9 @@ from model import output_limits
 
 QUANTIZATIONS = ("float32", "int8", "int16", "float16")
 SETTINGS_FILE = "translator.json"  # what translate.py needs beside the engine's files
+EXPORT_FILES = {"model.bin", "config.json", "source_vocabulary.json", "target_vocabulary.json",
+                "shared_vocabulary.json", "tokenizer_source.json", "tokenizer_target.json", SETTINGS_FILE, "README.md"}
+STAGING_SUFFIX = ".staging"  # .<out's name>.<8 random characters>.staging, beside --out
 CPU_BATCH_TOKENS = 1000  # source tokens a CPU worker decodes at once (x beam): measured in docs/experiments.md
 README = """# A CTranslate2 model exported by export.py
 
@@ -104,12 +111,15 @@ def vocabulary(tokenizer):
     return [by_id[index] for index in range(tokenizer.get_vocab_size())]
 
 
+class Stopped(BaseException):
+    """A SIGINT or SIGTERM during an export, raised where the export stands so that its staging is removed."""
+
+
 def export(checkpoint, out, quantization="float32", force=False):
-    """Write the CTranslate2 directory `out` for this checkpoint: built and validated in a temporary directory
-    beside it, then renamed into place, so that a failure at any point leaves nothing behind."""
+    """Write the CTranslate2 directory `out` for this checkpoint: built and validated in a staging directory
+    beside it, then renamed into place, so that a failure or a stop at any point leaves nothing behind."""
     require_engine()
-    if os.path.lexists(out) and not (force and os.path.isdir(out)):
-        raise RunError(f"--out {out} exists; name a new directory, or pass --force true to replace a directory")
+    check_replaceable(out, checkpoint, force)
     from translate import load_translator  # translate.py decodes with Engine: imported here, not in a cycle
     model, src_tokenizer, tgt_tokenizer, cfg = load_translator(checkpoint, torch.device("cpu"))
     ids = dataset.special_ids(tgt_tokenizer)
@@ -120,12 +130,15 @@ def export(checkpoint, out, quantization="float32", force=False):
         spec.optimize(quantization=quantization)
     except (ValueError, TypeError, NotImplementedError) as error:
         raise RunError(f"CTranslate2 cannot hold {checkpoint}'s model ({error}); nothing was written") from None
-    parent = os.path.dirname(os.path.abspath(out))
+    parent, name = os.path.split(os.path.abspath(out))
+    remove_stale_staging(parent, name)
     try:
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=STAGING_SUFFIX, dir=parent)
+        lock = os.open(staging, os.O_RDONLY)  # held while this export lives: a later one leaves it alone
     except OSError as error:
         raise RunError(f"cannot write into {parent}: {error.strerror}") from None
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         spec.save(staging)
         src_tokenizer.save(os.path.join(staging, "tokenizer_source.json"))
         tgt_tokenizer.save(os.path.join(staging, "tokenizer_target.json"))
@@ -141,13 +154,76 @@ def export(checkpoint, out, quantization="float32", force=False):
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # a temporary directory is private; the model directory is not
         if os.path.isdir(out):
-            shutil.rmtree(out)
+            remove_export(out)
         os.rename(staging, out)
-    except Exception as error:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(error, Exception):  # a stop (Stopped, KeyboardInterrupt) stays one
+            raise
         reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
         raise RunError(f"could not write {out} ({reason}); nothing of it was left behind") from None
+    finally:
+        os.close(lock)
     return out
+
+
+def check_replaceable(out, checkpoint, force):
+    """Refuse, before any work, an --out that exists, unless --force and it is a directory export() wrote: its
+    files and nothing else. The working directory, the checkpoint's directory and every directory above either
+    are refused whatever they hold."""
+    if not os.path.lexists(out):
+        return
+    if not force:
+        raise RunError(f"--out {out} exists; name a new directory, or pass --force true to replace an export")
+    real = os.path.realpath(out)
+    for held, what in ((os.getcwd(), "the working directory"),
+                       (os.path.dirname(os.path.realpath(checkpoint)), f"the directory of {checkpoint}")):
+        if os.path.commonpath([real, held]) == real:
+            raise RunError(f"--out {out} is or holds {what}; --force replaces only a directory export.py wrote: "
+                           "name a new directory")
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise RunError(f"--out {out} is not a directory export.py wrote; --force replaces only such a directory: "
+                       "name a new directory")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise RunError(f"--out {out} holds what export.py does not write ({', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}); --force replaces only a directory export.py wrote: "
+                       "name a new directory, or move those away")
+
+
+def foreign_entries(directory):
+    """The names in directory that export() does not write as regular files."""
+    return sorted(name for name in os.listdir(directory) if name not in EXPORT_FILES
+                  or os.path.islink(os.path.join(directory, name)) or not os.path.isfile(os.path.join(directory, name)))
+
+
+def remove_export(directory):
+    """Delete a directory export() wrote, file by file: anything else in it stops the deletion (rmdir fails)."""
+    for name in os.listdir(directory):
+        if name in EXPORT_FILES:
+            os.remove(os.path.join(directory, name))
+    os.rmdir(directory)
+
+
+def remove_stale_staging(parent, name):
+    """Remove staging directories of exports to parent/name that died without cleaning up (SIGKILL, a power cut):
+    those that no live export holds locked, and that hold only files export() writes."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[^.]{{8}}{re.escape(STAGING_SUFFIX)}")
+    for entry in os.listdir(parent):
+        path = os.path.join(parent, entry)
+        if not pattern.fullmatch(entry) or os.path.islink(path) or not os.path.isdir(path) or foreign_entries(path):
+            continue
+        try:
+            lock = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            remove_export(path)
+        except OSError:  # a live export's (locked), or one that cannot be removed: left as it is
+            pass
+        finally:
+            os.close(lock)
 
 
 def require_engine():
@@ -224,9 +300,22 @@ def main(argv=None):
     parser.add_argument("--quantization", default="float32", choices=QUANTIZATIONS,
                         help="weight type (int8: about 4x smaller and faster on a CPU)")
     parser.add_argument("--force", type=parse_bool, default=False, metavar="true|false",
-                        help="replace --out if it is a directory")
+                        help="replace --out if it is a directory export.py wrote")
     args = parser.parse_args(argv)
-    out = export(args.checkpoint, args.out, args.quantization, args.force)
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    handlers = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out = export(args.checkpoint, args.out, args.quantization, args.force)
+    except Stopped as stopped:
+        signum = stopped.args[0]
+        print(f"export: stopped by {signal.Signals(signum).name}; nothing of {args.out} was written", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     print(f"exported {args.checkpoint} to {out} ({args.quantization}, "
           f"{sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)) / 2 ** 20:.1f} MiB)")
 

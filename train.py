@@ -83,6 +83,7 @@ def training_state(trainer, progress, sums):
             **dataclasses.asdict(progress),
             "ranks": ckpt.rank_states(trainer.world_size, trainer.precision.device, sums),
             "config": dataclasses.asdict(trainer.cfg), "data_fingerprint": trainer.data.fingerprint,
+            "eval_fingerprint": trainer.data.eval_fingerprint,
             "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
 
 
@@ -387,7 +388,7 @@ def run(cfg, rank, world_size, device):
     # by the device and the training split's size; a resumed run's autos are its checkpoint's values already
     cfg = resolve_autos(cfg, device, data.n_train_pairs)
     if checkpoint:
-        ckpt.check_same_data(checkpoint, data.fingerprint, resume_path)
+        ckpt.check_same_data(checkpoint, data, resume_path)
         if is_main:
             ckpt.repair_best(checkpoint, resume_path, paths["best.pt"])
     if is_main:

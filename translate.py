@@ -111,9 +111,11 @@ def write_output(lines):
 
 
 def read_stdin_lines():
-    """Lines of standard input; a UTF-8 byte-order mark and Windows line endings are accepted."""
-    texts = []
-    for number, line in enumerate(sys.stdin.buffer.read().splitlines(), 1):
+    """Lines of standard input, split at line feeds alone: a line may hold a bare CR, U+2028 or a form feed, and
+    still gives one line of output. A UTF-8 byte-order mark and Windows line endings are accepted."""
+    texts, data = [], sys.stdin.buffer.read()
+    for number, line in enumerate(data.removesuffix(b"\n").split(b"\n") if data else [], 1):
+        line = line.removesuffix(b"\r")
         try:
             texts.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
         except UnicodeDecodeError:
@@ -157,6 +159,8 @@ def main(argv=None):
         raise RunError("--device cuda but no CUDA device is available; use --device cpu")
     if (args.checkpoint is None) == (args.model is None) or (args.model is not None and args.engine != "ctranslate2"):
         parser.error("name a --checkpoint, or with --engine ctranslate2 a --model directory (export.py)")
+    if args.eval is not None and args.texts:
+        parser.error("--eval scores a file's translations; pass the texts to translate without --eval")
     if args.int8 and device.type != "cpu":
         parser.error("--int8 is for CPU inference; add --device cpu")
     options = dict(beam=args.beam, alpha=args.length_penalty, max_len=args.max_len, max_tokens=args.max_tokens,

@@ -289,9 +289,9 @@ def test_translate_into_a_closed_pipe_exits_quietly(checkpoint):
     assert len(result.stdout.splitlines()) == 1 and result.stderr == "" and result.returncode == 141
 
 
-@pytest.mark.parametrize("eval_flag", [[], ["--eval", FIXTURE]])
-def test_translate_onto_a_full_device_or_a_closed_stdout_is_one_line(checkpoint, eval_flag):
-    command = f"{sys.executable} translate.py --checkpoint {checkpoint} {' '.join(eval_flag)} Hello."
+@pytest.mark.parametrize("inputs", [["Hello."], ["--eval", FIXTURE]])
+def test_translate_onto_a_full_device_or_a_closed_stdout_is_one_line(checkpoint, inputs):
+    command = f"{sys.executable} translate.py --checkpoint {checkpoint} {' '.join(inputs)}"
     full = subprocess.run(["bash", "-c", command + " > /dev/full"], capture_output=True, text=True, cwd=ROOT)
     assert_one_line_error(full, "error: could not write to standard output: No space left on device")
     closed = subprocess.run(["bash", "-c", command + " >&-"], capture_output=True, text=True, cwd=ROOT)
