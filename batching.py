@@ -381,7 +381,7 @@ def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True, shape=None, g
 
 def make_loader(data_set, sampler, cfg, pad_id, device, batches=None):
     """A DataLoader of collated batches for `device`, made in loader processes (see runtime.loader_workers) that
-    leave stop signals to the main process; iterate it through runtime.start_loader. batches: the index lists to
+    leave stop signals to the main process; iterate it within runtime.running_loader. batches: the index lists to
     load, laid out as the sampler's are (default: the sampler's epoch), e.g. sampler.epochs_from(...), so that
     one set of processes serves a whole run (at GPU speed an epoch can take less time than starting them)."""
     pack_length = cfg.pack_length if sampler.batching == "packed" else 0

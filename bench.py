@@ -43,11 +43,12 @@ import export
 import runtime
 import step
 import train
-from config import Config, OneLineParser
+from config import FIELD_BOUNDS, Config, OneLineParser
 from errors import RunError, one_line_errors
 from metrics import score
 from model import int8_linear_layers, translate
-from translate import load_translator, translate_texts
+from checkpoint import load_checkpoint, load_translator
+from translate import translate_texts
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 LOADER_TOKENS = {"loader": runtime.GPU_MAX_TOKENS, "loader_64k": 65536}  # the input pipeline alone, at these budgets
@@ -248,7 +249,7 @@ def decoding_speeds(model, sources, ids, cfg, beam, precision, uncached=True):
 
 
 # bench.py's own numeric flags' (low, high) bounds, as config.py's fields have theirs
-FLAG_BOUNDS = {"seconds": (1e-3, 10 ** 6), "decode_sentences": (1, 10 ** 7), "decode_beam": (1, 2 ** 7),
+FLAG_BOUNDS = {"seconds": (1e-3, 10 ** 6), "decode_sentences": (1, 10 ** 7), "decode_beam": FIELD_BOUNDS["beam"],
                "profile_steps": (0, 10 ** 6)}
 
 
@@ -275,6 +276,8 @@ def main(argv=None):
     cfg = Config.from_args(rest, prog="bench.py")
     if args.decode_checkpoint is not None and not os.path.isfile(args.decode_checkpoint):
         raise RunError(f"--decode_checkpoint {args.decode_checkpoint}: no such file")
+    if args.decode_checkpoint is not None:  # every field checked before minutes of training, not after
+        load_checkpoint(args.decode_checkpoint)
     if args.decode_file is not None and args.decode_checkpoint is None:
         raise RunError("--decode_file needs --decode_checkpoint, the model to decode it with")
     if args.decode_file is not None:

@@ -7,7 +7,6 @@ import torch
 import torch.distributed as dist
 
 from runtime import any_rank, synchronize
-from step import make_scheduler
 
 DEFAULT_EPOCHS = 10  # --epochs 0 (auto) without --max_minutes
 CALIBRATION_STEPS = (20, 120)  # --max_minutes times the steps between these two (the first ones run slower)
@@ -31,11 +30,8 @@ def calibrate(trainer, progress, train_seconds):
     spent = train_seconds()
     seconds_per_step = (spent - trainer.calibration_start) / (trainer.session_steps - first)
     total = steps_that_fit(trainer, progress, spent, seconds_per_step, at_least=2)
-    trainer.schedule.settle()
+    trainer.schedule.start_over(cfg, total - progress.step)
     progress.total_steps, progress.calibrated = total, True
-    if total > progress.step:  # else the timed steps were all the run may take (--epochs, --max_steps)
-        trainer.schedule.scheduler = make_scheduler(cfg, trainer.optimizer, total - progress.step)
-    trainer.schedule.frozen = False
 
 
 def refit_schedule(trainer, progress, interval_steps, interval_seconds, log):
@@ -50,16 +46,10 @@ def refit_schedule(trainer, progress, interval_steps, interval_seconds, log):
     # no time left (the budget ends the run), or within a step or 1% of the plan (timing noise)
     if total <= progress.step or abs(total - progress.total_steps) <= max(1, total // 100):
         return
-    scheduler = trainer.schedule.scheduler
-    start = progress.total_steps - scheduler.total_steps  # the step OneCycle started at, when timing ended
-    trainer.schedule.settle()
     log(f"schedule refitted to the time left: {progress.total_steps:,} → {total:,} steps "
         f"({pace * 1000:.0f} ms a step since the last evaluation)")
+    trainer.schedule.refit(trainer.cfg, progress.total_steps, total, progress.step)
     progress.total_steps = total
-    scheduler = make_scheduler(trainer.cfg, trainer.optimizer, total - start)
-    scheduler.last_epoch = progress.step - start - 1
-    scheduler.step()  # sets the rate of the next step on the new curve
-    trainer.schedule.scheduler = scheduler
 
 
 def steps_that_fit(trainer, progress, spent_seconds, seconds_per_step, at_least):

@@ -1,5 +1,6 @@
-"""Everything a run keeps on disk: the run-directory lock, atomic writes, loading checkpoints (weights only),
-resumability checks, restoring training state, and the RNG states of every rank.
+"""Everything a run keeps on disk: the run-directory lock, atomic writes, loading checkpoints (weights only, every
+field checked by schema.py), the model a checkpoint translates with, resumability checks, restoring training state,
+and the RNG states of every rank.
 
 Knows nothing about the training loop: it saves and restores what it is handed.
 """
@@ -17,8 +18,11 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from config import Config
+import dataset
+import schema
+from config import MODEL_FIELDS, Config
 from errors import RunError
+from model import Transformer
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "cuda_graph", "log_every",
@@ -47,6 +51,23 @@ class Progress:
 
 
 PROGRESS_KEYS = tuple(field.name for field in dataclasses.fields(Progress))
+
+
+@dataclasses.dataclass
+class Sums:
+    """What a rank's training since the last evaluation adds up (the next metrics line reports it): saved in every
+    checkpoint, each rank its own, so that a resumed run reports what an uninterrupted one does."""
+    loss: float = 0.0  # summed over the target tokens
+    tokens: int = 0  # target tokens the loss is summed over
+    real_tokens: int = 0  # source and target tokens that are not padding
+    seconds: float = 0.0
+    skipped: int = 0  # updates skipped for non-finite gradients
+    lr: float = 0.0  # the rate of the last step
+
+    @classmethod
+    def stored(cls, values):
+        """Sums from a checkpoint's dict (schema.py checked its numbers; older ones may lack lr)."""
+        return cls(**{name: values[name] for name in values if name in cls.__dataclass_fields__})
 
 
 @contextlib.contextmanager
@@ -130,7 +151,8 @@ def check_checkpoint_path(path, directory_hint=""):
 
 
 def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS, directory_hint=""):
-    """A checkpoint written by train.py. weights_only=True: a file carrying pickled code is refused, never run."""
+    """A checkpoint written by train.py, every field it holds checked (schema.py) before anything uses it.
+    weights_only=True: a file carrying pickled code is refused, never run."""
     check_checkpoint_path(path, directory_hint)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
@@ -143,10 +165,44 @@ def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS, director
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise RunError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    schema.check_checkpoint(checkpoint, path)
+    cfg = config_of(checkpoint, path)
+    if "optimizer" in required and cfg.ema_decay:  # resuming an averaged run needs the trained weights too
+        missing = [key for key in ("training_model", "ema_updates") if key not in checkpoint]
+        if missing:
+            raise RunError(f"{path} lacks {', '.join(missing)}, which a run with --ema_decay resumes from; "
+                           f"{schema.DAMAGED}")
     for key in ("model", "training_model"):
         if key in checkpoint and join_self_attention_projections(checkpoint[key]):
             checkpoint["separate_self_attention_projections"] = True
+    with torch.device("meta"):  # shapes only, no memory: an edited config must not allocate a model of its size
+        model = build_model(cfg, *tokenizers_of(checkpoint, path))
+    if "optimizer" in checkpoint and checkpoint.get("separate_self_attention_projections"):
+        try:
+            checkpoint["optimizer"] = join_optimizer_state(checkpoint["optimizer"], model)
+        except (KeyError, IndexError, ValueError, RuntimeError):
+            raise RunError(f"{path}: its optimizer state does not fit the model; {schema.DAMAGED}") from None
+    schema.check_state_shapes(checkpoint, path, model)
     return checkpoint
+
+
+def build_model(cfg, src_tokenizer, tgt_tokenizer):
+    return Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
+                       dataset.special_ids(tgt_tokenizer)["pad"], **{name: getattr(cfg, name) for name in MODEL_FIELDS})
+
+
+def load_translator(path, device):
+    """(model, src_tokenizer, tgt_tokenizer, config dict) from a self-contained checkpoint: what translate.py,
+    export.py and bench.py decode with."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    cfg = config_of(checkpoint, path)
+    src_tokenizer, tgt_tokenizer = tokenizers_of(checkpoint, path)
+    try:
+        model = build_model(cfg, src_tokenizer, tgt_tokenizer)
+        model.load_state_dict(checkpoint["model"])
+    except (MemoryError, RuntimeError) as error:
+        raise RunError(f"{path}: cannot load its model ({str(error).splitlines()[0][:120]})") from None
+    return model.to(device).eval(), src_tokenizer, tgt_tokenizer, dataclasses.asdict(cfg)
 
 
 def join_self_attention_projections(state_dict):
@@ -188,33 +244,31 @@ def join_optimizer_state(saved, model):
 
 
 def config_of(checkpoint, path):
-    """The checkpoint's config, checked as a run's flags are (fields it predates take PREDATED_FIELDS' values, or
-    else today's defaults): a hand-edited or damaged one stops with one line instead of a traceback deep in the
-    model."""
+    """The checkpoint's config, typed and checked as a run's flags are (fields it predates take PREDATED_FIELDS'
+    values, or else today's defaults): a hand-edited or damaged one stops with one line instead of a traceback deep
+    in the model."""
     saved = checkpoint["config"]
     needed = ("tokenizer", "lang_src", "lang_tgt", "d_model", "n_heads", "d_ff", "n_layers", "n_unique_layers",
               "share", "tie_embeddings")
     missing = [name for name in needed if not isinstance(saved, dict) or name not in saved]
     if missing:
-        raise RunError(f"{path}: its config lacks {', '.join(missing)}; the checkpoint was edited or is "
-                       "damaged")
+        raise RunError(f"{path}: its config lacks {', '.join(missing)}; {schema.DAMAGED}")
     known = {field.name for field in dataclasses.fields(Config)}
-    try:
-        config = Config(**{**PREDATED_FIELDS, **{name: value for name, value in saved.items() if name in known}})
-        config.validate()
-    except (TypeError, ValueError) as error:
-        raise RunError(f"{path}: its config is not valid ({error}); the checkpoint was edited or is "
-                       "damaged") from None
-    return config
+    return schema.check_config({**PREDATED_FIELDS, **{name: value for name, value in saved.items() if name in known}},
+                               path)
 
 
 def tokenizers_of(checkpoint, path):
-    """The checkpoint's (source, target) tokenizers."""
+    """The checkpoint's (source, target) tokenizers, each holding the special tokens training adds."""
     try:
-        return [Tokenizer.from_str(text) for text in checkpoint["tokenizers"]]
+        tokenizers = [Tokenizer.from_str(text) for text in checkpoint["tokenizers"]]
     except Exception:
-        raise RunError(f"{path}: its tokenizers are not the JSON train.py writes; the checkpoint was edited "
-                       "or is damaged") from None
+        raise RunError(f"{path}: its tokenizers are not the JSON train.py writes; {schema.DAMAGED}") from None
+    for side, tokenizer in zip(("source", "target"), tokenizers):
+        if None in dataset.special_ids(tokenizer).values():
+            raise RunError(f"{path}: its {side} tokenizer lacks the special tokens "
+                           f"{', '.join(dataset.SPECIAL_TOKENS)}; {schema.DAMAGED}")
+    return tokenizers
 
 
 def load_for_resume(cfg, last_path, world_size, log):
@@ -284,7 +338,7 @@ def check_same_data(checkpoint, data, path):
 def best_first(line):
     """The key that ranks evaluations for best.pt, best first: the highest validation BLEU, then the lowest
     loss. The validation loss turns up about halfway through a run while BLEU still climbs, so the weights the
-    loss picked translated 1-2 BLEU worse (README, *Round nine*). Without translated sentences
+    loss picked translated 1-2 BLEU worse (docs/experiments.md, *Round nine*). Without translated sentences
     (--n_eval_sentences 0) the loss alone decides."""
     return -(line.get("bleu") or 0.0), line["val_loss"]
 
@@ -346,10 +400,7 @@ def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None)
         average.updates = checkpoint["ema_updates"]
     # load_state_dict copies the saved group options too; keep this run's kernel choice (fused on CUDA/CPU)
     kernel_options = [{k: group[k] for k in ("fused", "foreach", "capturable")} for group in optimizer.param_groups]
-    saved_optimizer = checkpoint["optimizer"]
-    if checkpoint.get("separate_self_attention_projections"):
-        saved_optimizer = join_optimizer_state(saved_optimizer, model)
-    optimizer.load_state_dict(saved_optimizer)
+    optimizer.load_state_dict(checkpoint["optimizer"])  # legacy numbering joined on load
     for group, options in zip(optimizer.param_groups, kernel_options):
         group.update(options)
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -358,11 +409,12 @@ def restore(checkpoint, rank, model, optimizer, scheduler, scaler, average=None)
     restore_rng(checkpoint["ranks"][rank])
 
 
-def rank_states(world_size, device, partial_epoch):
+def rank_states(world_size, device, sums):
     """Every rank's RNG states and running epoch sums: a resumed run then draws the same dropout masks
     and reports the same epoch loss as an uninterrupted one. CUDA: this process's own device only."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "partial": partial_epoch}
+             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+             "partial": dataclasses.asdict(sums)}
     if world_size == 1:
         return [state]
     states = [None] * world_size

@@ -15,6 +15,7 @@ BATCHINGS = ("packed", "bucketed", "random")
 BATCH_SHAPES = ("auto", "fixed", "varied")
 ANNEAL_STRATEGIES = ("cos", "linear")
 DATA_FILE_TYPES = (".jsonl", ".json", ".tsv", ".parquet")
+QUANTIZATIONS = ("float32", "int8", "int16", "float16")  # export.py's weight types
 # GNMT's length penalty ((5 + length) / 6) ** alpha: beyond this it overflows a float for long outputs, and
 # published settings lie between 0.6 and 2
 MAX_LENGTH_PENALTY = 10
@@ -81,6 +82,8 @@ def shown(text, limit=60):
     return text if len(text) <= limit else f"{text[:limit]}...' ({len(text):,} characters)"
 
 
+TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+              list[str]: "a list of strings"}
 DATA, MODEL, OPTIMISATION, SYSTEM, EVALUATION = map(section, ("data", "model", "optimisation", "system", "evaluation"))
 
 
@@ -254,6 +257,24 @@ class Config:
                                             if getattr(self, name) == auto and name in saved})
 
     @classmethod
+    def from_stored(cls, values):
+        """A Config from stored values (a checkpoint's config), each of its field's type as the command line types
+        it: bool, int and float kept apart (an int field's 32.0 is refused; a float field takes 32), then validated.
+        Raises ValueError naming the field."""
+        hints = typing.get_type_hints(cls)
+        for name, value in values.items():
+            kind = hints[name]
+            if kind == list[str]:
+                typed = type(value) is list and all(type(item) is str for item in value)
+            else:
+                typed = type(value) is kind or (kind is float and type(value) is int)
+            if not typed:
+                raise ValueError(f"--{name} is {shown(value)}, not {TYPE_NAMES[kind]}")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
     def from_args(cls, argv=None, prog=None):
         """Build a Config from `--field value` flags; bad flags or values exit with one line."""
         parser = OneLineParser(prog=prog, usage="%(prog)s [--field value ...]",
@@ -280,6 +301,9 @@ class Config:
         except ValueError as error:
             parser.error(str(error))
         return config
+
+
+FIELD_BOUNDS = {f.name: f.metadata["bounds"] for f in dataclasses.fields(Config)}  # what the scripts' flags reuse
 
 
 def parse_bool(text):

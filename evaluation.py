@@ -70,14 +70,14 @@ def evaluation_due(cfg, progress, sums, ending):
     every_epoch = ending == "epoch" and not cfg.eval_every_minutes and not cfg.max_minutes
     return (ending == "evaluation" or every_epoch or progress.epoch >= epoch_limit(cfg)
             or progress.step >= progress.total_steps or budget_spent(cfg, progress.train_seconds)
-            or sums["seconds"] >= evaluation_interval(cfg))
+            or sums.seconds >= evaluation_interval(cfg))
 
 
 def end_interval(trainer, progress, sums, log, clock):
     """Combine the ranks' sums since the last evaluation, evaluate on rank 0, append the metrics line. clock: what
     train.py measures time with."""
     device = trainer.precision.device
-    loss_sum, n_tokens, real_tokens = sums["loss"], sums["tokens"], sums["real_tokens"]
+    loss_sum, n_tokens, real_tokens = sums.loss, sums.tokens, sums.real_tokens
     if trainer.world_size > 1:
         totals = torch.tensor([loss_sum, n_tokens, real_tokens], dtype=torch.float64, device=device)
         dist.all_reduce(totals)
@@ -96,16 +96,16 @@ def end_interval(trainer, progress, sums, log, clock):
         raise EvaluationFailed(failure or "on rank 0")
     eval_seconds = clock() - started
     progress.elapsed_seconds += eval_seconds
-    tokens_per_sec = real_tokens / max(1e-9, sums["seconds"])
+    tokens_per_sec = real_tokens / max(1e-9, sums.seconds)
     epoch = progress.epoch  # epochs done, and the share of this one when it is evaluated within an epoch
     if progress.batch_in_epoch:
         epoch = round(epoch + progress.batch_in_epoch / len(trainer.sampler.batches(epoch)), 3)
     line = {"epoch": epoch, "step": progress.step, "train_loss": loss_sum / max(1, n_tokens),
             "weights": "raw" if trainer.average is None else "ema", **metrics,
-            "lr": sums["lr"], "tokens_per_sec": tokens_per_sec,
-            "fraction_of_peak": fraction_of_peak(trainer, tokens_per_sec),
-            "epoch_seconds": sums["seconds"], "eval_seconds": eval_seconds,
-            "elapsed_seconds": progress.elapsed_seconds, "skipped_steps": sums["skipped"]}
+            "lr": sums.lr, "tokens_per_sec": tokens_per_sec,
+            "fraction_of_peak": fraction_of_peak(tokens_per_sec, trainer.flops_per_token, trainer.peak_flops),
+            "epoch_seconds": sums.seconds, "eval_seconds": eval_seconds,
+            "elapsed_seconds": progress.elapsed_seconds, "skipped_steps": sums.skipped}
     progress.history.append(line)
     log(f"step {progress.step:,}, epoch {epoch:g}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
                                                                  f"{k} {v}" for k, v in line.items()

@@ -23,11 +23,12 @@ import torch
 from tokenizers import Tokenizer
 
 import dataset
-from config import OneLineParser, parse_bool
+import schema
+from checkpoint import load_translator
+from config import QUANTIZATIONS, OneLineParser, parse_bool
 from errors import RunError, one_line_errors
 from model import output_limits
 
-QUANTIZATIONS = ("float32", "int8", "int16", "float16")
 SETTINGS_FILE = "translator.json"  # what translate.py needs beside the engine's files
 EXPORT_FILES = {"model.bin", "config.json", "source_vocabulary.json", "target_vocabulary.json",
                 "shared_vocabulary.json", "tokenizer_source.json", "tokenizer_target.json", SETTINGS_FILE, "README.md"}
@@ -120,7 +121,6 @@ def export(checkpoint, out, quantization="float32", force=False):
     beside it, then renamed into place, so that a failure or a stop at any point leaves nothing behind."""
     require_engine()
     check_replaceable(out, checkpoint, force)
-    from translate import load_translator  # translate.py decodes with Engine: imported here, not in a cycle
     model, src_tokenizer, tgt_tokenizer, cfg = load_translator(checkpoint, torch.device("cpu"))
     ids = dataset.special_ids(tgt_tokenizer)
     vocabularies = vocabulary(src_tokenizer), vocabulary(tgt_tokenizer)
@@ -160,8 +160,7 @@ def export(checkpoint, out, quantization="float32", force=False):
         shutil.rmtree(staging, ignore_errors=True)
         if not isinstance(error, Exception):  # a stop (Stopped, KeyboardInterrupt) stays one
             raise
-        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
-        raise RunError(f"could not write {out} ({reason}); nothing of it was left behind") from None
+        raise RunError(f"could not write {out} ({reason_of(error)}); nothing of it was left behind") from None
     finally:
         os.close(lock)
     return out
@@ -246,8 +245,14 @@ class Engine:
         try:
             with open(os.path.join(directory, SETTINGS_FILE)) as file:
                 self.settings = json.load(file)
+            with open(os.path.join(directory, "config.json")) as file:
+                engine_config = json.load(file)
             self.tokenizers = [Tokenizer.from_file(os.path.join(directory, f"tokenizer_{side}.json"))
                                for side in ("source", "target")]
+        except Exception as error:  # a missing or unreadable file: OSError, JSON's ValueError, the tokenizer's
+            raise RunError(f"--model {directory}: not a model directory export.py wrote ({reason_of(error)})") from None
+        schema.check_exported(directory, self.settings, engine_config)
+        try:
             compute = "int8" if int8 else compute_type(self.settings["quantization"]) if device.type == "cpu" else \
                 "default"
             torch_threads = torch.get_num_threads()
@@ -255,9 +260,8 @@ class Engine:
             self.translator = ctranslate2.Translator(directory, device=device.type, compute_type=compute, **workers)
             # the engine sets the calling thread's OpenMP threads to intra_threads, and PyTorch shares that count
             torch.set_num_threads(torch_threads)
-        except Exception as error:  # a missing or edited file: OSError, JSON's ValueError, the engine's RuntimeError
-            reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
-            raise RunError(f"--model {directory}: not a model directory export.py wrote ({reason})") from None
+        except Exception as error:  # a missing or damaged model.bin, the engine's RuntimeError
+            raise RunError(f"--model {directory}: not a model directory export.py wrote ({reason_of(error)})") from None
         self.batch_tokens = CPU_BATCH_TOKENS if device.type == "cpu" else None
         self.max_positions = self.settings["max_positions"]
         self.source_tokens = vocabulary(self.tokenizers[0])
@@ -285,6 +289,11 @@ class Engine:
             for index, output in zip(indices, outputs):
                 results[index] = [self.target_ids[token] for token in output.result().hypotheses[0][:limits[index]]]
         return results
+
+
+def reason_of(error):
+    """An exception's first line, or an OSError's reason."""
+    return getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def compute_type(quantization):

@@ -13,6 +13,6 @@ def score(hypotheses, references):
             "wer": float(word_error_rate(hypotheses, references))}
 
 
-def fraction_of_peak(trainer, tokens_per_sec):
+def fraction_of_peak(tokens_per_sec, flops_per_token, peak_flops):
     """Achieved matmul FLOP/s over the measured peak (model FLOPs utilisation), or None where unmeasured."""
-    return tokens_per_sec * trainer.flops_per_token / trainer.peak_flops if trainer.peak_flops else None
+    return tokens_per_sec * flops_per_token / peak_flops if peak_flops else None

@@ -22,9 +22,10 @@ from errors import RunError
 CPU_PROBE_SIZE = 1024  # the matrix product timed at start-up on a CPU: seconds of start-up, not minutes
 CPU_SCREEN_SIZE = 256  # a first, small product: a CPU without bf16 units is 10-30x slower there already
 PROBE_SECONDS = 1.0  # peak_flops stops repeating its product after this long (a slow dtype: after one product)
-GPU_MAX_TOKENS = 16384  # --max_tokens auto on CUDA (README: A token budget on a GPU)
+GPU_MAX_TOKENS = 16384  # --max_tokens auto on CUDA (docs/experiments.md, *A token budget on a GPU*)
 BASE_LR, BASE_LR_TOKENS = 1e-3, 2048  # --lr auto: BASE_LR up to BASE_LR_TOKENS per batch, then x sqrt(tokens / it)
-GPU_DROPOUT = 0.1  # --dropout auto on CUDA, whose runs see the data dozens of times (README: A token budget on a GPU)
+# --dropout auto on CUDA, whose runs see the data dozens of times (docs/experiments.md, *A token budget on a GPU*)
+GPU_DROPOUT = 0.1
 
 
 class Precision(NamedTuple):

@@ -50,6 +50,23 @@ class Schedule:
         self.pending.append((verdict, event, advance))
         return []
 
+    def start_over(self, cfg, steps):
+        """--max_minutes has timed its steps at the initial rate: OneCycle from here over `steps` steps (none: the
+        timed steps were all the run may take), no longer frozen."""
+        self.settle()
+        if steps > 0:
+            self.scheduler = make_scheduler(cfg, self.scheduler.optimizer, steps)
+        self.frozen = False
+
+    def refit(self, cfg, planned_total, total, step):
+        """Stretch or shrink OneCycle to end at run step `total` instead of `planned_total`, going on from run step
+        `step`: the curve keeps the step it started at, and the next step takes its rate on the new curve."""
+        start = planned_total - self.scheduler.total_steps  # the run step OneCycle started at
+        self.settle()
+        self.scheduler = make_scheduler(cfg, self.scheduler.optimizer, total - start)
+        self.scheduler.last_epoch = step - start - 1
+        self.scheduler.step()
+
     def settle(self, keep=0):
         """Read the pending verdicts but the newest `keep` (waiting for their steps to finish), undoing the rate's
         advance for each skipped update; returns them, oldest first."""

@@ -31,8 +31,8 @@ from errors import RunError, explain_failure, one_line_errors
 from evaluation import EvaluationFailed, end_interval, evaluation_due, evaluation_interval
 from metrics import fraction_of_peak
 from model import Transformer
-from runtime import (CPU_PROBE_SIZE, Precision, amp_dtype, any_rank, catch_stop_signals, graph_obstacle, pad_multiple,
-                     peak_flops, resolve_autos, running_loader, setup_distributed)
+from runtime import (CPU_PROBE_SIZE, Precision, amp_dtype, any_rank, catch_stop_signals, graph_obstacle, loader_workers,
+                     pad_multiple, peak_flops, resolve_autos, running_loader, setup_distributed)
 from step import GraphedStep, Schedule, eager_step, make_optimizer
 
 UNSIZED_STEPS = 10 ** 9  # the schedule's length until --max_minutes has sized it (no epoch limit)
@@ -87,8 +87,14 @@ def training_state(trainer, progress, sums):
             "tokenizers": [trainer.data.src_tokenizer.to_str(), trainer.data.tgt_tokenizer.to_str()]}
 
 
-def new_epoch_sums():  # what an epoch (or the epochs since the last evaluation) adds up
-    return {"loss": 0.0, "tokens": 0, "real_tokens": 0, "seconds": 0.0, "skipped": 0}
+def resolved_autos(given, cfg, device):
+    """Each flag the run was given at auto (its marker in --help), and the value it took: for this device and data,
+    or a resumed run's checkpoint's."""
+    autos = {**AUTO_VALUES, "pad_multiple": 0, "num_workers": -1, "eval_every_minutes": 0.0}
+    taken = {**{name: getattr(cfg, name) for name in AUTO_VALUES}, "epochs": epoch_limit(cfg),
+             "pad_multiple": pad_multiple(cfg, device), "num_workers": loader_workers(cfg, device),
+             "eval_every_minutes": evaluation_interval(cfg) / 60}
+    return {name: taken[name] for name, auto in autos.items() if getattr(given, name) == auto}
 
 
 def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
@@ -203,9 +209,9 @@ def train_interval(trainer, progress, sums, stop_signal, writer, batches, bar):
     pad_id = trainer.data.ids["pad"]
     trainer.sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
     batches = itertools.islice(batches, len(trainer.sampler))
-    loss_sum = torch.tensor(sums["loss"], dtype=torch.float64, device=device)
-    n_tokens = torch.tensor(sums["tokens"], device=device)
-    real_tokens, skipped, seconds_before = sums["real_tokens"], sums["skipped"], sums["seconds"]
+    loss_sum = torch.tensor(sums.loss, dtype=torch.float64, device=device)
+    n_tokens = torch.tensor(sums.tokens, device=device)
+    real_tokens, skipped, seconds_before = sums.real_tokens, sums.skipped, sums.seconds
     started = clock()
     of_epochs = f"/{epoch_limit(cfg)}" if epoch_limit(cfg) < math.inf else ""
     bar.set_description(f"epoch {progress.epoch + 1}{of_epochs}")
@@ -227,9 +233,9 @@ def train_interval(trainer, progress, sums, stop_signal, writer, batches, bar):
                 bar.total = progress.total_steps
         if is_main and logged(progress.step, cfg.log_every):  # reading the loss is a host sync: not every step
             loss = float(step_loss) / max(1, int(step_tokens))
-            rate = (real_tokens - sums["real_tokens"]) / max(1e-9, clock() - started)
+            rate = (real_tokens - sums.real_tokens) / max(1e-9, clock() - started)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
-                                     peak=f"{fraction_of_peak(trainer, rate) or 0:.0%}")
+                                     peak=f"{fraction_of_peak(rate, trainer.flops_per_token, trainer.peak_flops) or 0:.0%}")
             for name, value in (("loss", loss), ("lr", lr), ("tokens_per_sec", rate)):
                 writer.add_scalar(f"train/{name}", value, progress.step)
         # one process checks every step for free; ranks agree by an all-reduce, so only now and then
@@ -258,9 +264,7 @@ def train_interval(trainer, progress, sums, stop_signal, writer, batches, bar):
     seconds = clock() - started
     progress.elapsed_seconds += seconds
     progress.train_seconds += seconds
-    sums = {"loss": float(loss_sum), "tokens": int(n_tokens), "real_tokens": real_tokens,
-            "seconds": seconds_before + seconds, "skipped": skipped, "lr": lr}
-    return sums, ending
+    return ckpt.Sums(float(loss_sum), int(n_tokens), real_tokens, seconds_before + seconds, skipped, lr), ending
 
 
 def stoppable(steps, stop_signal):
@@ -321,19 +325,13 @@ def count_skips(trainer, verdicts, patience, step):
 
 def evaluate_and_save(trainer, progress, sums, best, paths, writer, log):
     """At an evaluation: refit --max_minutes' schedule, evaluate, save last.pt (and best.pt when it is the best so
-    far), rewrite metrics.jsonl. An evaluation that fails saves the training first. Returns the best line."""
+    far), rewrite metrics.jsonl. Returns the best line."""
     cfg, is_main = trainer.cfg, trainer.rank == 0
     if cfg.max_minutes and progress.calibrated:
         last_evaluated = progress.history[-1]["step"] if progress.history else 0
-        refit_schedule(trainer, progress, progress.step - last_evaluated, sums["seconds"], log)
-    try:
-        line = end_interval(trainer, progress, sums, log, clock)
-    except EvaluationFailed as error:
-        ckpt.save(training_state(trainer, progress, sums), paths["last.pt"], is_main)
-        raise RunError(f"evaluation at step {progress.step} failed ({error}); {paths['last.pt']} holds the "
-                       "training up to it; fix the evaluation flags (--beam, --length_penalty, --max_len_a/b, "
-                       "--n_eval_sentences) and continue with --resume auto") from None
-    ckpt.save(training_state(trainer, progress, new_epoch_sums()), paths["last.pt"], is_main)
+        refit_schedule(trainer, progress, progress.step - last_evaluated, sums.seconds, log)
+    line = end_interval(trainer, progress, sums, log, clock)  # EvaluationFailed: run()'s ending saves the training
+    ckpt.save(training_state(trainer, progress, ckpt.Sums()), paths["last.pt"], is_main)
     if is_main:
         if best is None or ckpt.best_first(line) < ckpt.best_first(best):
             best = line
@@ -376,7 +374,7 @@ def main(argv=None):
 
 def run(cfg, rank, world_size, device):
     """The outline of a run: set-up, resume, epochs (train, evaluate, save)."""
-    started = time.perf_counter()
+    started, given = time.perf_counter(), cfg
     is_main = rank == 0
     log = say if is_main else (lambda message: None)
     precision = Precision(device, amp_dtype(cfg.amp, device))
@@ -387,6 +385,8 @@ def run(cfg, rank, world_size, device):
     data = dataset.prepare_shared_data(cfg, tokenizers, is_main, world_size, log)
     # by the device and the training split's size; a resumed run's autos are its checkpoint's values already
     cfg = resolve_autos(cfg, device, data.n_train_pairs)
+    log("autos: " + ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+                              for name, value in resolved_autos(given, cfg, device).items()))
     if checkpoint:
         ckpt.check_same_data(checkpoint, data, resume_path)
         if is_main:
@@ -400,49 +400,57 @@ def run(cfg, rank, world_size, device):
         ckpt.write_lines_atomic(progress.history, paths["metrics.jsonl"])
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(cfg.run_dir, purge_step=progress.step if checkpoint else None)
-    partial = checkpoint["ranks"][rank]["partial"] if checkpoint else new_epoch_sums()
+    partial = ckpt.Sums.stored(checkpoint["ranks"][rank]["partial"]) if checkpoint else ckpt.Sums()
     stop_signal = catch_stop_signals()
     log(f"start-up: {time.perf_counter() - started:.1f} s to the first step")
     best = min(progress.history, key=ckpt.best_first, default=None)
-    saved = False
+    # why the run ends before its schedule does (None, "signal", or the failed evaluation), and whether last.pt lacks
+    # some of the state: the one ending below reads both. A finished run resumed into another --run_dir saves there.
+    stop, unsaved = None, resume_path != paths["last.pt"]
     # one loader, whose worker processes serve every epoch of the run; one bar for the whole run, in steps
     loader = batching.make_loader(data.train, trainer.sampler, cfg, data.ids["pad"], device,
                                   trainer.sampler.epochs_from(progress.epoch, progress.batch_in_epoch))
     with running_loader(loader) as batches, run_bar(progress, is_main) as bar:
         while progress.epoch < epoch_limit(cfg) and progress.step < progress.total_steps:
             # a signal that came during the last evaluation, or a budget spent by the last interval's steps
-            stop, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)], world_size,
-                                         device)
-            if stop:
-                if partial["seconds"]:  # training since the last evaluation is saved too
-                    ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
-                log(f"stopped at step {progress.step}; {paths['last.pt']} holds it; continue with --resume auto")
-                raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
+            signalled, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)],
+                                              world_size, device)
+            if signalled:
+                stop = "signal"
+                break
             if out_of_time:
                 end_schedule_here(progress, log)
-                bar.total = progress.total_steps
-                ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
-                saved = True
+                bar.total, unsaved = progress.total_steps, True
                 break
-            sums, ending = train_interval(trainer, progress, partial, stop_signal, writer, batches, bar)
+            partial, ending = train_interval(trainer, progress, partial, stop_signal, writer, batches, bar)
+            unsaved = True
             if ending == "signal":
-                ckpt.save(training_state(trainer, progress, sums), paths["last.pt"], is_main)
-                log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
-                    f"saved {paths['last.pt']}; continue with --resume auto")
-                if world_size > 1:
-                    dist.barrier()
-                raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
+                stop = "signal"
+                break
             if ending == "epoch":
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
-            if not evaluation_due(cfg, progress, sums, ending):
-                partial = sums  # the next metrics line covers this stretch too
-                continue
-            best = evaluate_and_save(trainer, progress, sums, best, paths, writer, log)
-            partial, saved, bar.total = new_epoch_sums(), True, progress.total_steps  # a refit may resize it
-    if not saved and resume_path != paths["last.pt"]:  # a finished run resumed into another --run_dir
-        ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
+            if not evaluation_due(cfg, progress, partial, ending):
+                continue  # the next metrics line covers this stretch too
+            try:
+                best = evaluate_and_save(trainer, progress, partial, best, paths, writer, log)
+            except EvaluationFailed as error:
+                stop = error
+                break
+            partial, unsaved, bar.total = ckpt.Sums(), False, progress.total_steps  # a refit may resize it
+        if unsaved:  # inside the loader's block: saved after its shutdown, a stop sometimes resumed inexactly
+            ckpt.save(training_state(trainer, progress, partial), paths["last.pt"], is_main)
     if writer:
         writer.close()
+    if isinstance(stop, EvaluationFailed):
+        raise RunError(f"evaluation at step {progress.step} failed ({stop}); {paths['last.pt']} holds the "
+                       "training up to it; fix the evaluation flags (--beam, --length_penalty, --max_len_a/b, "
+                       "--n_eval_sentences) and continue with --resume auto")
+    if stop == "signal":
+        log(f"interrupted at step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch_in_epoch}); "
+            f"{paths['last.pt']} holds it; continue with --resume auto")
+        if world_size > 1:
+            dist.barrier()
+        raise SystemExit(128 + stop_signal[0] if stop_signal else 1)
     last = progress.history[-1] if progress.history else {}
     scores = ", ".join(f"{label} {last[name]:.4g}" for name, label in (("bleu", "validation BLEU"), ("val_loss", "val_loss"))
                        if last.get(name) is not None)

@@ -10,7 +10,6 @@ A line longer than the model takes (max_positions) is cut, and stderr says which
 """
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -21,45 +20,17 @@ import time
 import torch
 
 import dataset
-from checkpoint import config_of, load_checkpoint, tokenizers_of
-from config import MAX_LENGTH_PENALTY, MODEL_FIELDS, OneLineParser
+from checkpoint import load_translator
+from config import AMP_MODES, DEVICES, FIELD_BOUNDS, OneLineParser
 from errors import RunError, one_line_errors
 from export import Engine, export
 from metrics import score
-from model import Transformer, int8_linear_layers, translate
+from model import int8_linear_layers, translate
 from runtime import amp_dtype, autocast
 
 # The numeric flags' (low, high) bounds, as config.py's fields have theirs
-FLAG_BOUNDS = {"beam": (1, 2 ** 7), "length_penalty": (0, MAX_LENGTH_PENALTY), "max_len": (0, 2 ** 16),
-               "max_len_a": (0, 2 ** 16), "max_len_b": (0, 2 ** 16), "max_tokens": (1, 2 ** 24)}
-
-
-def load_translator(path, device):
-    """(model, src_tokenizer, tgt_tokenizer, config dict) from a self-contained checkpoint."""
-    checkpoint = load_checkpoint(path, map_location=device)
-    cfg = config_of(checkpoint, path)
-    src_tokenizer, tgt_tokenizer = tokenizers_of(checkpoint, path)
-
-    def build():
-        return Transformer(src_tokenizer.get_vocab_size(), tgt_tokenizer.get_vocab_size(),
-                           dataset.special_ids(tgt_tokenizer)["pad"],
-                           **{name: getattr(cfg, name) for name in MODEL_FIELDS})
-
-    with torch.device("meta"):  # shapes only, no memory: an edited config must not allocate a model of its size
-        expected = {name: tuple(tensor.shape) for name, tensor in build().state_dict().items()}
-    saved = {name: tuple(tensor.shape) for name, tensor in checkpoint["model"].items() if torch.is_tensor(tensor)}
-    if saved != expected:
-        name = next((name for name in expected if saved.get(name) != expected[name]), None) or next(iter(saved))
-        shape = "x".join(map(str, saved[name])) if name in saved else "missing"
-        raise RunError(f"{path}: its weights do not match the model its config describes ({name}: {shape} in the "
-                       f"file, {'x'.join(map(str, expected.get(name, ()))) or 'none'} by the config); the "
-                       "checkpoint is damaged or was edited")
-    try:
-        model = build()
-        model.load_state_dict(checkpoint["model"])
-    except (MemoryError, RuntimeError) as error:
-        raise RunError(f"{path}: cannot load its model ({str(error).splitlines()[0][:120]})") from None
-    return model.to(device).eval(), src_tokenizer, tgt_tokenizer, dataclasses.asdict(cfg)
+FLAG_BOUNDS = {**{name: FIELD_BOUNDS[name] for name in ("beam", "length_penalty", "max_len_a", "max_len_b")},
+               "max_len": FIELD_BOUNDS["max_len_b"], "max_tokens": (1, FIELD_BOUNDS["max_tokens"][1])}
 
 
 def fit_to_model(sources, max_positions, names, warn):
@@ -136,8 +107,8 @@ def build_parser():
     parser.add_argument("--max_len_a", type=float, help="default: the checkpoint's (config.py: 1.2)")
     parser.add_argument("--max_len_b", type=int, help="default: the checkpoint's (config.py: 10)")
     parser.add_argument("--max_tokens", type=int, default=6000, help="source tokens (x beam) decoded per batch")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
-    parser.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "off"),
+    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES,
                         help="autocast dtype; auto: as train.py (bf16, else fp16, on CUDA; the faster of bf16 and "
                              "fp32 on a CPU)")
     parser.add_argument("--int8", action="store_true", help="CPU only: int8 weights in the Linear layers (dynamic "

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pairs.jsonl")
 LEGACY_CHECKPOINT = os.path.join(ROOT, "tests", "fixtures", "legacy", "interrupted.pt")  # test_legacy_checkpoint
 sys.path.insert(0, ROOT)
 
+import step  # noqa: E402
 from config import Config  # noqa: E402
 from model import Transformer  # noqa: E402
 from runtime import resolve_autos  # noqa: E402
@@ -50,6 +52,59 @@ def random_batch(lengths, vocab=40, seed=0):
         batch[row, :length - 1] = torch.randint(4, vocab, (length - 1,), generator=generator)
         batch[row, length - 1] = EOS
     return batch
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+def one_batch(vocab=40):
+    tgt = random_batch([4, 6, 3], vocab=vocab, seed=1)
+    tgt_in = torch.cat([torch.full((3, 1), SOS), tgt[:, :-1]], 1).masked_fill(tgt == PAD, PAD)
+    return {"src": random_batch([5, 3, 7], vocab=vocab), "tgt_in": tgt_in, "labels": tgt}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(monkeypatch, at_step, how):
+    """Make train_step crash (like kill -9) or send SIGTERM to this process at a given step."""
+    real_step, calls = step.train_step, []
+
+    def patched_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_step and how == "kill":
+            raise Crash
+        result = real_step(*args, **kwargs)
+        if len(calls) == at_step and how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(step, "train_step", patched_step)
+
+
+def tree(root):
+    """Every path under root, each with its content (None for a directory)."""
+    return {os.path.relpath(os.path.join(top, name), root): None if name in dirs else open(os.path.join(top, name),
+                                                                                           "rb").read()
+            for top, dirs, files in os.walk(root) for name in dirs + files}
+
+
+def kept(before, root):
+    """Whether everything of `before` (a tree) is still under root, unchanged; new files (a run's .lock) may be."""
+    after = tree(root)
+    return {path: after.get(path, "deleted") for path in before} == before
+
+
+def one_line_failure(main, argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err + (str(stop.value.code) if isinstance(stop.value.code, str) else "")
+    assert stop.value.code not in (0, None) and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    return err
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from averaging import WeightAverage
 from config import Config
 from conftest import EOS, FIXTURE, PAD, SOS, cpu_config, make_model, random_batch, tiny_args
 from runtime import resolve_autos
-from test_train import Crash, crash_at, one_batch, read_metrics
+from conftest import Crash, crash_at, one_batch, read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import export
 import train
@@ -51,7 +52,7 @@ def trained(request, exported):
 
 def both_engines(path, directory, beam):
     """Token ids of the fixture sentences from the PyTorch path (fp32) and CTranslate2 (float32)."""
-    model, src_tokenizer, tgt_tokenizer, cfg = translate.load_translator(path, torch.device("cpu"))
+    model, src_tokenizer, tgt_tokenizer, cfg = checkpoint.load_translator(path, torch.device("cpu"))
     engine = export.Engine(directory, torch.device("cpu"))
     sources = dataset.encode(src_tokenizer, SENTENCES)
     ids = dataset.special_ids(tgt_tokenizer)
@@ -97,7 +98,7 @@ def test_the_snippet_in_the_exported_readme_runs_and_translates(exported):
 
 def test_shared_blocks_are_unrolled_and_tied_embeddings_shared(exported, tmp_path):
     path, _ = exported("bpe_tied_shared")
-    model, src_tokenizer, tgt_tokenizer, _ = translate.load_translator(path, torch.device("cpu"))
+    model, src_tokenizer, tgt_tokenizer, _ = checkpoint.load_translator(path, torch.device("cpu"))
     vocabularies = export.vocabulary(src_tokenizer), export.vocabulary(tgt_tokenizer)
     spec = export.model_spec(model, vocabularies, dataset.special_ids(tgt_tokenizer))
     assert len(spec.encoder.layer) == 3 and len(spec.decoder.layer) == 2  # every position, from 2 blocks

@@ -21,7 +21,7 @@ import train
 import translate
 from config import AUTO_VALUES, Config
 from conftest import ROOT, run_script, tiny_args
-from test_train import crash_at, read_metrics
+from conftest import crash_at, read_metrics
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")

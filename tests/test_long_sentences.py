@@ -12,7 +12,7 @@ import dataset
 import train
 from config import Config
 from conftest import FIXTURE, tiny_args
-from test_train import Crash, crash_at, read_metrics
+from conftest import Crash, crash_at, read_metrics
 
 
 def write_pairs(path, pairs):

@@ -13,22 +13,9 @@ import pytest
 
 import export
 import train
-from conftest import FIXTURE, LEGACY_CHECKPOINT, ROOT, tiny_args
+from conftest import FIXTURE, LEGACY_CHECKPOINT, ROOT, kept, one_line_failure, tiny_args, tree
 
 pytest.importorskip("ctranslate2", reason="CTranslate2 is not installed (pip install ctranslate2)")
-
-
-def tree(root):
-    """Every path under root, each with its content (None for a directory)."""
-    return {os.path.relpath(os.path.join(top, name), root): None if name in dirs else open(os.path.join(top, name),
-                                                                                           "rb").read()
-            for top, dirs, files in os.walk(root) for name in dirs + files}
-
-
-def kept(before, root):
-    """Whether everything of `before` (a tree) is still under root, unchanged; new files (a run's .lock) may be."""
-    after = tree(root)
-    return {path: after.get(path, "deleted") for path in before} == before
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +34,6 @@ def workspace(tmp_path, trained_run, monkeypatch):
     (tmp_path / "mine" / "keep.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def one_line_failure(main, argv, capsys):
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    err = capsys.readouterr().err + (str(stop.value.code) if isinstance(stop.value.code, str) else "")
-    assert stop.value.code not in (0, None) and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err, err
-    return err
 
 
 @pytest.mark.parametrize("target", ["runs/run", "runs", ".", "mine"])

@@ -14,7 +14,7 @@ import torch
 import evaluation
 import train
 from conftest import FIXTURE, ROOT, run_script, tiny_args
-from test_train import read_metrics
+from conftest import read_metrics
 
 
 def assert_ends_in_one_line_error(result, *fragments):

@@ -1,7 +1,6 @@
 """Stop signals sent to the whole process group, as `docker stop`, Kubernetes, Slurm and a terminal's Ctrl-C do,
 with DataLoader workers running: the run saves, exits without a traceback, and resumes to the very metrics of a
 run that was never stopped."""
-import json
 import os
 import signal
 import subprocess
@@ -11,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, tiny_args
+from conftest import ROOT, read_metrics, tiny_args
 
 # train.py with markers on stdout at every step, evaluation and loader-worker start, and slower steps, loader
 # work and worker starts, so that a signal surely lands while the workers work, or while they start (before they
@@ -46,18 +45,14 @@ step.train_step, evaluation.evaluate, batching.collate = slow_step, evaluate, co
 runtime.leave_stopping_to_the_main_process = start
 train.main(sys.argv[1:])
 """
-ARGS = ("--epochs", "2", "--dropout", "0.2", "--num_workers", "2")
+# --amp auto would measure bf16 against fp32 in every run, and a busy machine can tip the runs apart
+ARGS = ("--epochs", "2", "--dropout", "0.2", "--num_workers", "2", "--amp", "off")
 
 
 def start(run_dir, *extra):
     return subprocess.Popen([sys.executable, "-c", DRIVER.format(root=ROOT), *tiny_args(run_dir, *ARGS, *extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as file:
-        return [json.loads(line) for line in file]
 
 
 @pytest.fixture(scope="module")

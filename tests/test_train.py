@@ -1,6 +1,5 @@
 import copy
 import dataclasses
-import json
 import os
 import signal
 
@@ -17,19 +16,9 @@ import runtime
 import step
 import train
 from config import Config
-from conftest import PAD, SOS, cpu_config, make_model, random_batch, run_script, tiny_args
+from conftest import (PAD, Crash, cpu_config, crash_at, make_model, one_batch, random_batch, read_metrics, run_script,
+                      tiny_args)
 from runtime import Precision
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as file:
-        return [json.loads(line) for line in file]
-
-
-def one_batch(vocab=40):
-    tgt = random_batch([4, 6, 3], vocab=vocab, seed=1)
-    tgt_in = torch.cat([torch.full((3, 1), SOS), tgt[:, :-1]], 1).masked_fill(tgt == PAD, PAD)
-    return {"src": random_batch([5, 3, 7], vocab=vocab), "tgt_in": tgt_in, "labels": tgt}
 
 
 def test_end_to_end_train_then_translate(tmp_path):
@@ -93,26 +82,6 @@ def test_onecycle_ends_exactly_at_its_total(tmp_path):
     train.main(tiny_args(tmp_path / "short", "--epochs", "2", "--max_steps", "7"))
     checkpoint = torch.load(tmp_path / "short" / "last.pt", weights_only=False)
     assert checkpoint["step"] == checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == 7
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_at(monkeypatch, at_step, how):
-    """Make train_step crash (like kill -9) or send SIGTERM to this process at a given step."""
-    real_step, calls = step.train_step, []
-
-    def patched_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == at_step and how == "kill":
-            raise Crash
-        result = real_step(*args, **kwargs)
-        if len(calls) == at_step and how == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(step, "train_step", patched_step)
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -688,3 +657,12 @@ def test_every_number_a_captured_step_bakes_in_stays_constant_over_the_run():
     momentum = dataclasses.replace(cfg, cycle_momentum=True)
     assert "--cycle_momentum true" in runtime.graph_obstacle(momentum, torch.device("cuda"), torch.bfloat16, 1)
     assert runtime.graph_obstacle(cfg, torch.device("cuda"), torch.bfloat16, 1) is None
+
+
+def test_the_start_up_log_lists_what_each_auto_became(tmp_path, capsys):
+    train.main(tiny_args(tmp_path, "--max_steps", "2", "--epochs", "1"))
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("autos: ")]
+    taken = dict(item.split(" ") for item in line.removeprefix("autos: ").split(", "))
+    # tiny_args sets max_tokens and the model; --epochs is given here: neither is an auto of this run
+    assert taken == {"batch_shape": "varied", "lr": "0.001", "dropout": "0", "tokenizer": "word",
+                     "tie_embeddings": "False", "pad_multiple": "8", "num_workers": "0", "eval_every_minutes": "10"}
