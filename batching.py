@@ -19,29 +19,52 @@ from errors import RunError
 
 class TranslationDataset(torch.utils.data.Dataset):
     """Unpadded examples: source + EOS, decoder input SOS + target, labels target + EOS. Every side of every
-    example also lies in one flat array with offsets, from which `collate_indices` gathers a whole batch at once."""
+    example lies in one flat array (in memory, or memory-mapped from the prepared-data cache) with its start and
+    length, from which `collate_indices` gathers a whole batch at once; no per-example Python objects are kept."""
 
     def __init__(self, src_ids, tgt_ids, sos_id, eos_id):
-        self.src_ids, self.tgt_ids, self.sos_id, self.eos_id = src_ids, tgt_ids, sos_id, eos_id
-        self.src_lengths = np.array([len(s) + 1 for s in src_ids], dtype=np.int64)
-        self.tgt_lengths = np.array([len(t) + 1 for t in tgt_ids], dtype=np.int64)
+        src_lengths = np.array([len(s) + 1 for s in src_ids], dtype=np.int64)
+        tgt_lengths = np.array([len(t) + 1 for t in tgt_ids], dtype=np.int64)
         # sources as s + EOS; targets as SOS + t + EOS, whose first n + 1 tokens are tgt_in and last n + 1 labels
-        self.src_flat = np.fromiter(itertools.chain.from_iterable(s + [eos_id] for s in src_ids), dtype=np.int64,
-                                    count=int(self.src_lengths.sum()))
-        self.tgt_flat = np.fromiter(itertools.chain.from_iterable([sos_id] + t + [eos_id] for t in tgt_ids),
-                                    dtype=np.int64, count=int(self.tgt_lengths.sum()) + len(tgt_ids))
-        self.src_starts = np.cumsum(self.src_lengths) - self.src_lengths
-        self.tgt_starts = np.cumsum(self.tgt_lengths + 1) - (self.tgt_lengths + 1)
+        src_flat = np.fromiter(itertools.chain.from_iterable(s + [eos_id] for s in src_ids), dtype=np.int64,
+                               count=int(src_lengths.sum()))
+        tgt_flat = np.fromiter(itertools.chain.from_iterable([sos_id] + t + [eos_id] for t in tgt_ids),
+                               dtype=np.int64, count=int(tgt_lengths.sum()) + len(tgt_ids))
+        self._hold(src_flat, tgt_flat, np.cumsum(src_lengths) - src_lengths, src_lengths,
+                   np.cumsum(tgt_lengths + 1) - (tgt_lengths + 1), tgt_lengths)
+
+    @classmethod
+    def from_arrays(cls, src_flat, tgt_flat, src_starts, src_lengths, tgt_starts, tgt_lengths):
+        """Examples laid out as __init__ lays them out, each side's tokens anywhere in its flat array: example i's
+        source at src_flat[src_starts[i]:][:src_lengths[i]], its SOS + target + EOS at tgt_flat[tgt_starts[i]:]."""
+        data_set = cls.__new__(cls)
+        data_set._hold(src_flat, tgt_flat, src_starts, src_lengths, tgt_starts, tgt_lengths)
+        return data_set
+
+    def _hold(self, src_flat, tgt_flat, src_starts, src_lengths, tgt_starts, tgt_lengths):
+        self.src_flat, self.tgt_flat = src_flat, tgt_flat
+        self.src_starts, self.src_lengths, self.tgt_starts, self.tgt_lengths = (
+            src_starts, src_lengths, tgt_starts, tgt_lengths)
 
     def __len__(self):
-        return len(self.src_ids)
+        return len(self.src_lengths)
 
     def __getitem__(self, index):
         src_start, tgt_start = self.src_starts[index], self.tgt_starts[index]
         src_len, tgt_len = self.src_lengths[index], self.tgt_lengths[index]
-        return (torch.from_numpy(self.src_flat[src_start:src_start + src_len]),
-                torch.from_numpy(self.tgt_flat[tgt_start:tgt_start + tgt_len]),
-                torch.from_numpy(self.tgt_flat[tgt_start + 1:tgt_start + 1 + tgt_len]))
+        return tuple(torch.from_numpy(np.asarray(flat[start:start + length], dtype=np.int64))
+                     for flat, start, length in ((self.src_flat, src_start, src_len),
+                                                 (self.tgt_flat, tgt_start, tgt_len),
+                                                 (self.tgt_flat, tgt_start + 1, tgt_len)))
+
+    def source(self, index):
+        """Example index's source ids, without EOS."""
+        return self.src_flat[self.src_starts[index]:self.src_starts[index] + self.src_lengths[index] - 1].tolist()
+
+    def target(self, index):
+        """Example index's target ids, without SOS and EOS."""
+        start = self.tgt_starts[index] + 1
+        return self.tgt_flat[start:start + self.tgt_lengths[index] - 1].tolist()
 
     def lengths(self):
         """(source, target) lengths of each example as the model sees them, specials included."""

@@ -334,7 +334,7 @@ def main(argv=None):
               "peak_flops": peaks})
     if model is None and not args.decode_checkpoint:
         return
-    sources, ids = data.val.src_ids[:args.decode_sentences], data.ids
+    sources, ids = [data.val.source(i) for i in range(min(args.decode_sentences, len(data.val)))], data.ids
     decoding = {}
     if args.decode_checkpoint:
         model, src_tokenizer, tgt_tokenizer, _ = load_translator(args.decode_checkpoint, device)

@@ -27,11 +27,12 @@ from model import Transformer
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "cuda_graph", "log_every",
                      "pad_multiple", "n_eval_sentences", "beam", "length_penalty", "max_len_a", "max_len_b",
-                     "eval_every_minutes", "overwrite"}
+                     "eval_every_minutes", "overwrite", "data_cache",
+                     "tokenizer_sample_pairs"}  # the tokenizers are the checkpoint's; the data's ids the same
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
 PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False,
                    "cycle_momentum": True, "max_val_pairs": 0, "max_len_ratio": 1.0, "eval_files": [],
-                   "sampling_temperature": 1.0}
+                   "sampling_temperature": 1.0, "data_cache": "off", "tokenizer_sample_pairs": 0}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_HINT = ", or resume a --run_dir's own with --resume auto"  # what a --resume naming a directory is told
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress

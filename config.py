@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 import typing
@@ -92,7 +93,8 @@ class Config:
     dataset: str = DATA("opus_books", "Hugging Face dataset (Helsinki-NLP/<name>); ignored when data_files is set")
     lang_src: str = DATA("en", 'source language key in the rows\' "translation" dict')
     lang_tgt: str = DATA("fr", 'target language key in the rows\' "translation" dict')
-    data_files: list[str] = DATA([], "local .jsonl/.tsv/.parquet files; empty = the hub dataset")
+    data_files: list[str] = DATA([], "local .jsonl/.json/.tsv/.parquet files, directories of them or globs such as "
+                                     "'shards/*.jsonl'; empty = the hub dataset")
     val_fraction: float = DATA(0.03, "share of pairs held out for validation (seeded, stable split)", bounds=(0, 1))
     max_val_pairs: int = DATA(1000, "at most this many of them (the rest train): evaluation stays cheap on large data "
                                     "(0 = no cap)", bounds=(0, 2 ** 31 - 1))
@@ -110,6 +112,11 @@ class Config:
     min_frequency: int = DATA(2, "a word needs this many occurrences to enter a word-level vocabulary",
                               bounds=(1, 2 ** 32 - 1))
     lowercase_source: bool = DATA(True, 'word tokenizer: fold the source\'s case ("Forget it!" reads as "forget it!")')
+    tokenizer_sample_pairs: int = DATA(200_000, "tokenizers learn from at most this many training pairs, a seeded "
+                                                "sample of a larger corpus (0 = all)", bounds=(0, 2 ** 31 - 1))
+    data_cache: str = DATA("auto", "where prepared data is kept, memory-mapped, for every later run and DDP rank: "
+                                   "auto = $XDG_CACHE_HOME (or ~/.cache)/transformer-en-fr/data, a directory, or "
+                                   "off = in memory, prepared again by every run")
     d_model: int = MODEL(256, "width of embeddings and residual stream", bounds=(2, 2 ** 14))
     n_heads: int = MODEL(8, "attention heads; must divide d_model", bounds=(1, 2 ** 10))
     d_ff: int = MODEL(512, "hidden width of the feed-forward sublayer (the reference: 128)", bounds=(1, 2 ** 16))
@@ -248,8 +255,10 @@ class Config:
                 "--batch_shape fixed needs --batching packed and a token budget (--max_tokens -1 or at least 16)")
         for name in ("data_files", "eval_files"):
             for path in getattr(self, name):
-                require(path.endswith(DATA_FILE_TYPES),
-                        f"--{name} takes {', '.join(DATA_FILE_TYPES)} files (got {shown(path)})")
+                require(path.endswith(DATA_FILE_TYPES) or (name == "data_files" and os.path.isdir(path)),
+                        f"--{name} takes {', '.join(DATA_FILE_TYPES)} files"
+                        + (", directories of them or globs" if name == "data_files" else "") + f" (got {shown(path)})")
+        require(self.data_cache.strip() != "", "--data_cache must be auto, off or a directory")
 
     def with_autos_from(self, saved):
         """This config with each field left at auto taking its value in `saved` (a checkpoint's config dict)."""

@@ -45,9 +45,10 @@ def evaluate_set(model, data, examples, pairs, n, cfg, precision):
                 logits = model(batch["src"], batch["tgt_in"])
             loss_sum += compute_loss(logits, batch["labels"], pad_id, cfg.label_smoothing)
             n_tokens += (batch["labels"] != pad_id).sum()
+    sources = [examples.source(i) for i in range(min(n, len(examples)))]
     with autocast(device, dtype):
-        outputs = translate(model, examples.src_ids[:n], data.ids["sos"], data.ids["eos"], cfg.beam,
-                            cfg.length_penalty, cfg.max_len_a, cfg.max_len_b)
+        outputs = translate(model, sources, data.ids["sos"], data.ids["eos"], cfg.beam, cfg.length_penalty,
+                            cfg.max_len_a, cfg.max_len_b)
     hypotheses = [dataset.decode(data.tgt_tokenizer, ids, cfg.tokenizer == "word") for ids in outputs]
     references = [target for _, target in pairs[:n]]
     model.train()

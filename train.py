@@ -123,7 +123,7 @@ def build_trainer(cfg, data, checkpoint, rank, world_size, precision, log):
              if cfg.batch_shape == "fixed" else None)
     sampler = batching.make_sampler(cfg, data.train.lengths(), rank, world_size, shape=shape, groups=data.train_files)
     if sampler.draws is not None:
-        names = [os.path.splitext(os.path.basename(path))[0] for path in cfg.data_files]
+        names = [os.path.splitext(os.path.basename(path))[0] for path in dataset.data_file_paths(cfg.data_files)]
         log(f"sampling: temperature {cfg.sampling_temperature:g}, an epoch of {len(data.train):,} pairs draws "
             + ", ".join(f"{names[data.train_files[members[0]]]} {len(members):,} -> {count:,}"
                         for members, count in sampler.draws))
@@ -352,8 +352,8 @@ def evaluate_and_save(trainer, progress, sums, best, paths, writer, log):
 @one_line_errors
 def main(argv=None):
     cfg = Config.from_args(argv)
-    for path in cfg.data_files + cfg.eval_files:  # a path that names nothing stops before the run directory is touched
-        dataset.check_data_file(path)
+    for path in dataset.data_file_paths(cfg.data_files) + cfg.eval_files:  # a path that names nothing stops
+        dataset.check_data_file(path)  # before the run directory is touched
     if cfg.resume not in ("", "auto"):
         ckpt.check_checkpoint_path(cfg.resume, ckpt.RESUME_HINT)
     rank, world_size, device = setup_distributed(cfg)

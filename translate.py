@@ -21,7 +21,7 @@ import torch
 
 import dataset
 from checkpoint import load_translator
-from config import AMP_MODES, DEVICES, FIELD_BOUNDS, OneLineParser
+from config import AMP_MODES, DEVICES, FIELD_BOUNDS, OneLineParser, is_text
 from errors import RunError, one_line_errors
 from export import Engine, export
 from metrics import score
@@ -165,7 +165,7 @@ def main(argv=None):
         return
     texts = args.texts or read_stdin_lines()
     for number, text in enumerate(args.texts, 1):  # bytes that are not UTF-8 reach argv as lone surrogates
-        if not dataset.is_text(text):
+        if not is_text(text):
             raise RunError(f"argument {number} is not UTF-8 text; convert it, or pass the text on stdin")
     with precision:
         translations = translate_texts(texts, model, src_tokenizer, tgt_tokenizer, word_level, **options)

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -30,6 +31,12 @@ def cpu_config(**fields):
 
 def tiny_args(run_dir, *extra):
     return ["--data_files", FIXTURE, "--run_dir", str(run_dir), *TINY, *extra]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_script(script, *args, stdin=None, timeout=300):
@@ -105,6 +112,26 @@ def one_line_failure(main, argv, capsys):
     assert stop.value.code not in (0, None) and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: ") and "Traceback" not in err, err
     return err
+
+
+@pytest.fixture(autouse=True, scope="session")
+def data_cache_in_a_temporary_directory(tmp_path_factory):
+    """--data_cache auto keeps prepared data in $XDG_CACHE_HOME: for the tests (and the scripts they start), a
+    directory of their own, never the machine's cache."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if saved is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
+@pytest.fixture(autouse=True)
+def data_cache_of_its_own(tmp_path_factory, monkeypatch):
+    """Each test prepares its data afresh, as it did before the cache: a test that changes how data is prepared
+    never maps another test's entry."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
 
 
 @pytest.fixture(autouse=True)

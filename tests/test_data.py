@@ -328,8 +328,8 @@ def test_decoded_text_is_one_line_even_when_the_model_emits_line_breaks():
 def test_a_file_passed_twice_keeps_validation_out_of_training():
     logged = []
     data = dataset.prepare_data(Config(data_files=[FIXTURE, FIXTURE]), log=logged.append)
-    training = set(zip(map(tuple, data.train.src_ids), map(tuple, data.train.tgt_ids)))
-    validation = set(zip(map(tuple, data.val.src_ids), map(tuple, data.val.tgt_ids)))
+    training = {(tuple(data.train.source(i)), tuple(data.train.target(i))) for i in range(len(data.train))}
+    validation = {(tuple(data.val.source(i)), tuple(data.val.target(i))) for i in range(len(data.val))}
     assert not training & validation
     [warning] = [line for line in logged if "repeat a validation pair" in line]
     assert warning.startswith("warning: ") and int(warning.split()[1]) > len(data.val) // 2

@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 import batching
 import step
 import train
-from conftest import EOS, ROOT, SOS, PAD, cpu_config, make_model, tiny_args
+from conftest import EOS, ROOT, SOS, PAD, cpu_config, free_port, make_model, tiny_args
 from runtime import Precision
 
 CFG = cpu_config(dropout=0.0)
@@ -55,12 +54,6 @@ def ddp_worker(rank, world_size, port, out_path):
     if rank == 0:
         torch.save(model.state_dict(), out_path)
     dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_process_ddp_equals_one_process_on_the_global_batch(tmp_path):

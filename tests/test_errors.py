@@ -281,11 +281,11 @@ def test_translate_refuses_options_beyond_their_bounds(checkpoint, flags, messag
 
 
 def test_translate_into_a_closed_pipe_exits_quietly(checkpoint):
-    """`translate.py ... | head -1`: the reader leaves after one line; the rest of the output has nowhere to go."""
-    lines = "\n".join(["I am tired.", "Where is the station?"] * 2000) + "\n"
-    shell = (f"{sys.executable} translate.py --checkpoint {checkpoint} --max_len 2 <<'END' | head -1\n{lines}END\n"
-             "exit ${PIPESTATUS[0]}")
-    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, cwd=ROOT)
+    """`translate.py ... | head -1`: the reader leaves after one line; the rest of the output has nowhere to go.
+    The output (about 130 KB) is larger than a pipe's buffer (64 KB), so it cannot all be written before head leaves."""
+    lines = "\n".join(["I am tired.", "Where is the station?"] * 6000) + "\n"
+    shell = f"{sys.executable} translate.py --checkpoint {checkpoint} --max_len 2 | head -1; exit ${{PIPESTATUS[0]}}"
+    result = subprocess.run(["bash", "-c", shell], input=lines, capture_output=True, text=True, cwd=ROOT)
     assert len(result.stdout.splitlines()) == 1 and result.stderr == "" and result.returncode == 141
 
 

@@ -40,9 +40,9 @@ def test_eval_files_never_train_and_are_scored_at_every_evaluation(tmp_path):
     cfg = Config(data_files=[FIXTURE], eval_files=[held_out, held_out], tokenizer="bpe", vocab_size=400)
     data = dataset.prepare_data(cfg, log=messages.append)
     assert any("training pairs have the source of an --eval_files pair" in m for m in messages), messages
-    train_sources = {tuple(ids) for ids in data.train.src_ids}  # byte-level BPE: one string, one id list
+    train_sources = {tuple(data.train.source(i)) for i in range(len(data.train))}  # byte-level BPE: one string, one id list
     for examples, _ in data.eval_sets.values():
-        assert not train_sources & {tuple(ids) for ids in examples.src_ids}
+        assert not train_sources & {tuple(examples.source(i)) for i in range(len(examples))}
     assert set(data.eval_sets) == {"held_out", "held_out_2"}  # two files of one name stay two sets
 
     train.main(tiny_args(tmp_path / "run", "--epochs", "2", "--eval_files", held_out))
