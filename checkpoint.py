@@ -23,6 +23,7 @@ import schema
 from config import MODEL_FIELDS, Config
 from errors import RunError
 from model import Transformer
+from step import parameter_groups
 
 # Flags that may differ between a checkpoint and the run resuming it; any other difference is refused.
 RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compile", "cuda_graph", "log_every",
@@ -32,7 +33,8 @@ RESUME_MAY_CHANGE = {"resume", "run_dir", "device", "amp", "num_workers", "compi
 # A checkpoint whose config predates these fields was trained as these values train (its config lacks them).
 PREDATED_FIELDS = {"n_decoder_layers": 0, "ema_decay": 0.0, "batch_shape": "varied", "lowercase_source": False,
                    "cycle_momentum": True, "max_val_pairs": 0, "max_len_ratio": 1.0, "eval_files": [],
-                   "sampling_temperature": 1.0, "data_cache": "off", "tokenizer_sample_pairs": 0}
+                   "sampling_temperature": 1.0, "data_cache": "off", "tokenizer_sample_pairs": 0,
+                   "decay_norms_and_biases": True}
 CHECKPOINT_KEYS = ("model", "config", "tokenizers")  # what translate.py needs; resuming needs RESUME_KEYS too
 RESUME_HINT = ", or resume a --run_dir's own with --resume auto"  # what a --resume naming a directory is told
 RESUME_KEYS = ("optimizer", "scheduler", "scaler", "ranks")  # and every field of Progress
@@ -183,7 +185,7 @@ def load_checkpoint(path, map_location="cpu", required=CHECKPOINT_KEYS, director
             checkpoint["optimizer"] = join_optimizer_state(checkpoint["optimizer"], model)
         except (KeyError, IndexError, ValueError, RuntimeError):
             raise RunError(f"{path}: its optimizer state does not fit the model; {schema.DAMAGED}") from None
-    schema.check_state_shapes(checkpoint, path, model)
+    schema.check_state_shapes(checkpoint, path, model, parameter_groups(cfg, model))
     return checkpoint
 
 

@@ -35,11 +35,17 @@ def tokenizer_for(tokenizer, n_train_pairs):
     return "bpe" if n_train_pairs >= LARGE_DATA_PAIRS else "word"
 
 
-# Fields whose default means "auto". A resumed run takes the values its checkpoint was trained with, so batches
-# and schedule stay the same; a new run resolves them for its device and the size of its training split
-# (runtime.resolve_autos; epochs: train.py). A tie is concrete either way: it holds where the vocabulary is joint.
-AUTO_VALUES = {"epochs": 0, "max_tokens": -1, "batch_shape": "auto", "lr": 0.0, "dropout": -1.0, "tokenizer": "auto",
-               "tie_embeddings": True}
+# Every field with an auto setting, and its marker: "auto" for a text field; for a number, a value its help names
+# (0 or -1) that is not a setting of its own. On the command line each is `--field auto`; the start-up log's
+# "autos:" line shows what each became.
+AUTO_MARKERS = {"tokenizer": "auto", "batch_shape": "auto", "amp": "auto", "device": "auto", "data_cache": "auto",
+                "epochs": 0, "max_tokens": -1, "lr": 0.0, "dropout": -1.0, "pad_multiple": 0, "num_workers": -1,
+                "eval_every_minutes": 0.0}
+# The autos a resumed run takes from its checkpoint, so batches and schedule stay the same; a new run resolves them
+# for its device and the size of its training split (runtime.resolve_autos; epochs: train.py). A tie is concrete
+# either way: it holds where the vocabulary is joint.
+AUTO_VALUES = {**{name: AUTO_MARKERS[name] for name in ("epochs", "max_tokens", "batch_shape", "lr", "dropout",
+                                                        "tokenizer")}, "tie_embeddings": True}
 # The fields that describe the model's architecture: a checkpoint's config rebuilds its model from them.
 MODEL_FIELDS = ("d_model", "n_heads", "d_ff", "n_layers", "n_decoder_layers", "n_unique_layers", "share",
                 "tie_embeddings", "dropout", "attn_dropout", "max_positions")
@@ -161,6 +167,8 @@ class Config:
         0.0, "OneCycle peak learning rate (0 = auto: 1e-3, x sqrt(max_tokens / 2048) above 2048 tokens)",
         bounds=(0, 10))
     weight_decay: float = OPTIMISATION(0.01, "AdamW weight decay", bounds=(0, 10))
+    decay_norms_and_biases: bool = OPTIMISATION(
+        True, "weight decay also on LayerNorm weights and biases (reference); false: on matrices and embeddings only")
     pct_start: float = OPTIMISATION(0.1, "share of steps spent warming up to the peak lr", bounds=(0, 1))
     three_phase: bool = OPTIMISATION(
         False, "OneCycle: also anneal back to the initial lr before the final decay (reference)")
@@ -287,20 +295,27 @@ class Config:
     def from_args(cls, argv=None, prog=None):
         """Build a Config from `--field value` flags; bad flags or values exit with one line."""
         parser = OneLineParser(prog=prog, usage="%(prog)s [--field value ...]",
-                               description="Every flag is a field of config.Config; edit its defaults there.")
+                               description="Every flag is a field of config.Config; edit its defaults there. A "
+                                           "default of auto is worked out at start-up for the device and the data "
+                                           "(the log's autos: line shows each); `--field auto` asks for it, and "
+                                           "config.py writes a number's auto as the value its help names.")
         hints = typing.get_type_hints(cls)
         groups = {}
         for f in dataclasses.fields(cls):
             group = groups.get(f.metadata["group"]) or groups.setdefault(
                 f.metadata["group"], parser.add_argument_group(f.metadata["group"]))
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            kind, help_text = hints[f.name], f"{f.metadata['help']} (default: {default})"
+            auto = f.name in AUTO_MARKERS and default == AUTO_MARKERS[f.name]
+            kind, help_text = hints[f.name], f"{f.metadata['help']} (default: {'auto' if auto else default})"
             if kind is bool:
                 group.add_argument(f"--{f.name}", type=parse_bool, default=default, metavar="true|false",
                                    help=help_text)
             elif kind == list[str]:
                 group.add_argument(f"--{f.name}", nargs="*", action="extend", default=default, metavar="FILE",
                                    help=help_text + "; repeating the flag adds files")
+            elif f.name in AUTO_MARKERS and kind is not str:
+                group.add_argument(f"--{f.name}", type=number_or_auto(kind, AUTO_MARKERS[f.name]), default=default,
+                                   help=help_text)
             else:
                 group.add_argument(f"--{f.name}", type=kind, default=default, choices=f.metadata["choices"],
                                    help=help_text)
@@ -313,6 +328,14 @@ class Config:
 
 
 FIELD_BOUNDS = {f.name: f.metadata["bounds"] for f in dataclasses.fields(Config)}  # what the scripts' flags reuse
+
+
+def number_or_auto(kind, marker):
+    """A flag's type: a number of this kind, or the word auto for the field's marker."""
+    def parse(text):
+        return marker if text.strip().lower() == "auto" else kind(text)
+    parse.__name__ = kind.__name__  # what argparse names in "invalid int value: 'x'"
+    return parse
 
 
 def parse_bool(text):

@@ -222,11 +222,11 @@ def check_config(saved, path):
         raise damaged(path, f"its config is not valid ({error})") from None
 
 
-def check_state_shapes(checkpoint, path, model):
+def check_state_shapes(checkpoint, path, model, parameter_groups):
     """The weights, the optimizer's moments and the schedule's rates have the shapes and counts that `model` (built
-    from the checkpoint's config on the meta device) implies."""
+    from the checkpoint's config on the meta device) and its optimizer's `parameter_groups` imply."""
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    parameters = [tuple(parameter.shape) for parameter in model.parameters()]
+    parameters = [tuple(parameter.shape) for group in parameter_groups for parameter in group["params"]]
     try:
         for key in ("model", "training_model"):
             if key in checkpoint:
@@ -241,6 +241,8 @@ def check_state_shapes(checkpoint, path, model):
                         "has no such weight)")
         if "optimizer" in checkpoint:
             groups = checkpoint["optimizer"]["param_groups"]
+            require(len(groups) == len(parameter_groups), "optimizer.param_groups", groups,
+                    f"{len(parameter_groups)} parameter group(s), as --decay_norms_and_biases in its config implies")
             indices = sorted(index for group in groups for index in group["params"])
             require(indices == list(range(len(parameters))), "optimizer.param_groups", groups,
                     f"groups numbering the model's {len(parameters)} parameters once each")

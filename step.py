@@ -232,9 +232,20 @@ class GraphedStep:
 
 def make_optimizer(cfg, model, device, total_steps):
     """AdamW (fused into a few kernels where PyTorch has them, CPU included) and the OneCycle schedule."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(parameter_groups(cfg, model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type in ("cuda", "cpu"))
     return optimizer, make_scheduler(cfg, optimizer, total_steps)
+
+
+def parameter_groups(cfg, model):
+    """AdamW's parameter groups, in the order the optimizer numbers their parameters: one group decaying every
+    parameter, or, with --decay_norms_and_biases false, the matrices and embeddings decayed and the LayerNorm
+    weights and biases (every parameter of one dimension) in a group of their own without decay, as in nanoGPT."""
+    parameters = list(model.parameters())
+    if cfg.decay_norms_and_biases:
+        return [{"params": parameters}]
+    return [{"params": [p for p in parameters if p.dim() > 1]},
+            {"params": [p for p in parameters if p.dim() <= 1], "weight_decay": 0.0}]
 
 
 def make_scheduler(cfg, optimizer, total_steps):

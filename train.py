@@ -26,7 +26,7 @@ import checkpoint as ckpt
 import dataset
 from averaging import WeightAverage
 from budget import budget_spent, calibrate, end_schedule_here, epoch_limit, refit_schedule
-from config import AUTO_VALUES, MODEL_FIELDS, Config
+from config import AUTO_MARKERS, AUTO_VALUES, MODEL_FIELDS, Config
 from errors import RunError, explain_failure, one_line_errors
 from evaluation import EvaluationFailed, end_interval, evaluation_due, evaluation_interval
 from metrics import fraction_of_peak
@@ -90,7 +90,7 @@ def training_state(trainer, progress, sums):
 def resolved_autos(given, cfg, device):
     """Each flag the run was given at auto (its marker in --help), and the value it took: for this device and data,
     or a resumed run's checkpoint's."""
-    autos = {**AUTO_VALUES, "pad_multiple": 0, "num_workers": -1, "eval_every_minutes": 0.0}
+    autos = {**AUTO_VALUES, **{name: AUTO_MARKERS[name] for name in ("pad_multiple", "num_workers", "eval_every_minutes")}}
     taken = {**{name: getattr(cfg, name) for name in AUTO_VALUES}, "epochs": epoch_limit(cfg),
              "pad_multiple": pad_multiple(cfg, device), "num_workers": loader_workers(cfg, device),
              "eval_every_minutes": evaluation_interval(cfg) / 60}
@@ -241,10 +241,9 @@ def train_interval(trainer, progress, sums, stop_signal, writer, batches, bar):
         # one process checks every step for free; ranks agree by an all-reduce, so only now and then
         due = False
         if trainer.world_size == 1 or progress.step % cfg.log_every == 0:
-            out_of_time = budget_spent(cfg, progress.train_seconds + clock() - started)
-            due = seconds_before + clock() - started >= evaluation_interval(cfg)
-            interrupted, out_of_time, due = any_rank([bool(stop_signal), out_of_time, due], trainer.world_size,
-                                                     device)
+            interrupted, out_of_time, due = stop_now(
+                cfg, stop_signal, progress.train_seconds + clock() - started, trainer.world_size, device,
+                seconds_before + clock() - started >= evaluation_interval(cfg))
             if out_of_time:
                 end_schedule_here(progress, say if is_main else lambda message: None)
                 bar.total = progress.total_steps
@@ -265,6 +264,12 @@ def train_interval(trainer, progress, sums, stop_signal, writer, batches, bar):
     progress.elapsed_seconds += seconds
     progress.train_seconds += seconds
     return ckpt.Sums(float(loss_sum), int(n_tokens), real_tokens, seconds_before + seconds, skipped, lr), ending
+
+
+def stop_now(cfg, stop_signal, train_seconds, world_size, device, *more):
+    """The one decision to stop training, as every rank sees it: [a stop signal came, the time budget is spent
+    after train_seconds, *more], each true where it is true on any rank."""
+    return any_rank([bool(stop_signal), budget_spent(cfg, train_seconds), *more], world_size, device)
 
 
 def stoppable(steps, stop_signal):
@@ -413,8 +418,7 @@ def run(cfg, rank, world_size, device):
     with running_loader(loader) as batches, run_bar(progress, is_main) as bar:
         while progress.epoch < epoch_limit(cfg) and progress.step < progress.total_steps:
             # a signal that came during the last evaluation, or a budget spent by the last interval's steps
-            signalled, out_of_time = any_rank([bool(stop_signal), budget_spent(cfg, progress.train_seconds)],
-                                              world_size, device)
+            signalled, out_of_time = stop_now(cfg, stop_signal, progress.train_seconds, world_size, device)
             if signalled:
                 stop = "signal"
                 break

@@ -66,6 +66,16 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in file]
 
 
+def assert_same_training(straight_dir, resumed_dir, names=("train_loss", "val_loss"), **tolerance):
+    """The runs in the two directories logged the same evaluations: the same steps, and the same losses within
+    `tolerance` (pytest.approx's; default abs=1e-6), as a resumed run must against an uninterrupted one."""
+    straight, resumed = read_metrics(straight_dir), read_metrics(resumed_dir)
+    assert [line["step"] for line in resumed] == [line["step"] for line in straight]
+    for a, b in zip(straight, resumed):
+        for name in names:
+            assert a[name] == pytest.approx(b[name], **(tolerance or {"abs": 1e-6})), (a["step"], name)
+
+
 def one_batch(vocab=40):
     tgt = random_batch([4, 6, 3], vocab=vocab, seed=1)
     tgt_in = torch.cat([torch.full((3, 1), SOS), tgt[:, :-1]], 1).masked_fill(tgt == PAD, PAD)
@@ -76,20 +86,40 @@ class Crash(Exception):
     pass
 
 
-def crash_at(monkeypatch, at_step, how):
-    """Make train_step crash (like kill -9) or send SIGTERM to this process at a given step."""
-    real_step, calls = step.train_step, []
+def patch_nth_call(monkeypatch, owner, name, n, before=None, after=None):
+    """owner.name patched so that its nth call runs before() first (which may raise: the call then fails) and
+    after() once the call has returned."""
+    real, calls = getattr(owner, name), []
 
-    def patched_step(*args, **kwargs):
+    def patched(*args, **kwargs):
         calls.append(1)
-        if len(calls) == at_step and how == "kill":
-            raise Crash
-        result = real_step(*args, **kwargs)
-        if len(calls) == at_step and how == "sigterm":
-            os.kill(os.getpid(), signal.SIGTERM)
+        if len(calls) == n and before:
+            before()
+        result = real(*args, **kwargs)
+        if len(calls) == n and after:
+            after()
         return result
 
-    monkeypatch.setattr(step, "train_step", patched_step)
+    monkeypatch.setattr(owner, name, patched)
+
+
+@pytest.fixture
+def nth_call(monkeypatch):
+    """nth_call(owner, name, n, before=None, after=None): patch_nth_call, undone after the test."""
+    return lambda *args, **kwargs: patch_nth_call(monkeypatch, *args, **kwargs)
+
+
+def crash(error=None):
+    """Raise `error`, or Crash (a process killed as by kill -9)."""
+    raise error or Crash
+
+
+def crash_at(monkeypatch, at_step, how):
+    """Make train_step crash (like kill -9) or send SIGTERM to this process at a given step."""
+    if how == "kill":
+        patch_nth_call(monkeypatch, step, "train_step", at_step, before=crash)
+    else:
+        patch_nth_call(monkeypatch, step, "train_step", at_step, after=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def tree(root):

@@ -1,5 +1,6 @@
 """The CUDA path: mixed precision, packed rows, cached decoding, compile, resume from a CPU checkpoint and host
 syncs. Every test is skipped without a GPU (`python gpu_check.py` runs them on one)."""
+import contextlib
 import itertools
 import math
 import warnings
@@ -14,11 +15,26 @@ import step
 import train
 from averaging import WeightAverage
 from config import Config
-from conftest import EOS, FIXTURE, PAD, SOS, cpu_config, make_model, random_batch, tiny_args
+from conftest import (EOS, FIXTURE, PAD, SOS, Crash, assert_same_training, cpu_config, crash_at, make_model, one_batch,
+                      random_batch, read_metrics, tiny_args)
 from runtime import resolve_autos
-from conftest import Crash, crash_at, one_batch, read_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@contextlib.contextmanager
+def host_syncs():
+    """The list of the host's waits for the GPU within the block, as PyTorch's sync debug mode warns of them."""
+    torch.cuda.synchronize()
+    syncs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            syncs += [w for w in caught if "synchroniz" in str(w.message)]
 CUDA = torch.device("cuda")
 
 
@@ -128,16 +144,10 @@ def count_syncs(dtype, steps=4):
         average.update(model)
 
     one_step()  # the first step creates the optimizer state and copies the weights into the average
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(steps):
-                one_step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught) / steps
+    with host_syncs() as syncs:
+        for _ in range(steps):
+            one_step()
+    return len(syncs) / steps
 
 
 def test_no_train_step_waits_for_the_gpu_in_any_precision():
@@ -233,16 +243,10 @@ def test_no_cuda_graph_step_waits_for_the_gpu():
     next(steps)
     next(steps)
     assert not torch.cuda.current_stream().query()  # the host did not wait for either step
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for _ in range(4):
-                next(steps)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    assert not [w for w in caught if "synchroniz" in str(w.message)]
+    with host_syncs() as syncs:
+        for _ in range(4):
+            next(steps)
+    assert not syncs
 
 
 def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
@@ -277,11 +281,7 @@ def test_a_run_of_cuda_graph_steps_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "GraphedStep", RecordedGraphedStep)
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
     assert [graphed.status for graphed in captured] == ["captured"]
-    resumed = read_metrics(tmp_path / "resumed")
-    assert [line["step"] for line in straight] == [line["step"] for line in resumed]
-    for a, b in zip(straight, resumed):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=2e-3)
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed", rel=2e-3)
 
 
 def test_a_failed_capture_leaves_the_run_training_eagerly(monkeypatch, capsys):

@@ -17,7 +17,7 @@ import dataset
 import reading
 import train
 from config import Config
-from conftest import FIXTURE, ROOT, crash_at, free_port, one_line_failure, read_metrics, tiny_args
+from conftest import FIXTURE, ROOT, assert_same_training, crash_at, free_port, one_line_failure, tiny_args
 
 DATA = dict(data_files=[FIXTURE], max_val_pairs=0)
 
@@ -165,11 +165,7 @@ def test_a_run_resumed_through_the_cache_reports_what_an_uninterrupted_one_does(
     capsys.readouterr()
     train.main(tiny_args(tmp_path / "stopped", *args, "--resume", "auto"))
     assert "mapped from" in capsys.readouterr().out
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
-    assert [line["step"] for line in straight] == [line["step"] for line in resumed]
-    for a, b in zip(straight, resumed):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert_same_training(tmp_path / "straight", tmp_path / "stopped")
     assert len(entries(tmp_path / "cache")) == 1
 
 

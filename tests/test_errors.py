@@ -140,7 +140,7 @@ def test_ctrl_c_during_set_up_is_one_line_and_leaves_no_temporary_file(tmp_path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dataset, "train_tokenizers", interrupted)
-    with pytest.raises(SystemExit, match="interrupted during set-up, before any training: nothing was saved"):
+    with pytest.raises(SystemExit, match="interrupted during set-up.*nothing was saved"):
         train.main(tiny_args(tmp_path))
     monkeypatch.undo()
     monkeypatch.setattr(torch, "save", lambda *args: interrupted())
@@ -363,19 +363,14 @@ def trainer_inputs(run_dir, *flags):
     return cfg, data, None, 0, 1, runtime.Precision(torch.device("cpu")), lambda message: None
 
 
-def test_a_step_that_fails_after_a_stop_signal_stops_the_run_as_the_signal_does(tmp_path, monkeypatch):
+def test_a_step_that_fails_after_a_stop_signal_stops_the_run_as_the_signal_does(tmp_path, nth_call):
     """A stop signal kills torch.compile's C++ build in child processes, and the step then raises: the run
     saves the state of before that step and exits as for the signal, not with the compiler's traceback."""
-    real_step, calls = step.train_step, []
+    def killed_in_its_build():
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise RuntimeError("InductorError: C++ compile error (the compiler was killed)")
 
-    def step_killed_in_its_build(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-            raise RuntimeError("InductorError: C++ compile error (the compiler was killed)")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(step, "train_step", step_killed_in_its_build)
+    nth_call(step, "train_step", 5, before=killed_in_its_build)
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tmp_path, "--epochs", "2"))
     assert stop.value.code == 128 + signal.SIGTERM

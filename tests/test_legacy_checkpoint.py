@@ -20,8 +20,7 @@ import checkpoint
 import train
 import translate
 from config import AUTO_VALUES, Config
-from conftest import ROOT, run_script, tiny_args
-from conftest import crash_at, read_metrics
+from conftest import ROOT, assert_same_training, crash_at, read_metrics, run_script, tiny_args
 
 LEGACY = os.path.join(ROOT, "tests", "fixtures", "legacy")
 CHECKPOINT = os.path.join(LEGACY, "interrupted.pt")
@@ -116,8 +115,4 @@ def test_a_checkpoint_with_separate_self_attention_projections_resumes_exactly(t
     assert any(name.endswith("self_attn.key_value.weight") for name in checkpoint["training_model"])
     torch.save(checkpoint, tmp_path / "separate.pt")
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", str(tmp_path / "separate.pt")))
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [line["step"] for line in resumed] == [line["step"] for line in straight]
-    for a, b in zip(straight, resumed):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed")

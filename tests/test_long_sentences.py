@@ -29,7 +29,7 @@ def test_the_ratio_filter_keeps_long_targets_whole_and_ratio_1_is_the_reference(
     tgt = [[1] * 30, [1] * 40, [1] * 41, [1] * 14, [1] * 10]
     assert dataset.length_filter(src, tgt, 150, 1.5, 10) == [0, 1, 3]  # 1.5 x 20 + 10 = 40 tokens at most
     assert dataset.length_filter(src, tgt, 150, 1.0, 10) == [0]  # target <= source + 10, the reference's
-    with pytest.raises(ValueError, match="--max_positions must exceed --max_len_ratio x --max_src_tokens"):
+    with pytest.raises(ValueError, match="--max_positions must exceed"):
         Config(max_len_ratio=7, max_src_tokens=150, max_positions=1024).validate()
 
 

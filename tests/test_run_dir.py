@@ -13,8 +13,7 @@ import torch
 
 import evaluation
 import train
-from conftest import FIXTURE, ROOT, run_script, tiny_args
-from conftest import read_metrics
+from conftest import FIXTURE, ROOT, crash, read_metrics, run_script, tiny_args
 
 
 def assert_ends_in_one_line_error(result, *fragments):
@@ -37,9 +36,9 @@ def test_a_rerun_on_a_finished_run_is_refused_and_loses_nothing(tmp_path, capsys
     step = saved_step(tmp_path / "last.pt")
     with pytest.raises(SystemExit) as stop:  # the rerun forgot --resume
         train.main(tiny_args(tmp_path, "--epochs", "1", "--max_steps", "1"))
-    assert str(stop.value) == (f"error: --run_dir {tmp_path} holds another run (last.pt at step {step:,}); continue "
-                               "it with --resume auto, train anew in another --run_dir, or replace it with "
-                               "--overwrite true")
+    error = str(stop.value)
+    assert error.startswith(f"error: --run_dir {tmp_path} holds another run (last.pt at step {step:,})"), error
+    assert all(way in error for way in ("--resume auto", "another --run_dir", "--overwrite true")), error
     assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
     train.main(tiny_args(tmp_path, "--epochs", "2", "--resume", "auto"))  # continuing a finished run: nothing to do
     assert {name: (tmp_path / name).read_bytes() for name in finished} == finished
@@ -108,22 +107,15 @@ def test_a_directory_in_the_way_is_named_as_such(tmp_path):
     (tmp_path / "elsewhere" / "metrics.jsonl").mkdir(parents=True)
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tmp_path / "elsewhere", "--epochs", "1"))
-    assert str(stop.value) == (f"error: could not write {tmp_path / 'elsewhere' / 'metrics.jsonl'}: a directory of "
-                               "that name is in the way; move it aside and resume with --resume auto")
+    error = str(stop.value)
+    assert error.startswith(f"error: could not write {tmp_path / 'elsewhere' / 'metrics.jsonl'}: a directory"), error
+    assert "--resume auto" in error
 
 
-def test_a_failed_evaluation_keeps_the_training_before_it(tmp_path, monkeypatch):
+def test_a_failed_evaluation_keeps_the_training_before_it(tmp_path, monkeypatch, nth_call):
     """The second evaluation raises (as an overflowing length penalty once did): last.pt holds the training
     up to it, metrics.jsonl the first evaluation, and a resume continues from there."""
-    real_evaluate, calls = evaluation.evaluate, []
-
-    def evaluate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OverflowError("(34, 'Numerical result out of range')")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    nth_call(evaluation, "evaluate", 2, before=lambda: crash(OverflowError("(34, 'Numerical result out of range')")))
     with pytest.raises(SystemExit) as stop:
         train.main(tiny_args(tmp_path, "--epochs", "3"))
     first, = read_metrics(tmp_path)

@@ -16,8 +16,8 @@ import runtime
 import step
 import train
 from config import Config
-from conftest import (PAD, Crash, cpu_config, crash_at, make_model, one_batch, random_batch, read_metrics, run_script,
-                      tiny_args)
+from conftest import (PAD, Crash, assert_same_training, cpu_config, crash_at, make_model, one_batch, random_batch,
+                      read_metrics, run_script, tiny_args)
 from runtime import Precision
 
 
@@ -59,6 +59,24 @@ def test_gradscaler_skip_does_not_step_the_scheduler():
     assert schedule.settle() == [True] and scheduler.last_epoch == 1
 
 
+@pytest.mark.parametrize("decay_norms_and_biases", [True, False])
+def test_weight_decay_spares_norms_and_biases_only_when_asked(decay_norms_and_biases):
+    """With zero gradients AdamW's only change is the decay: it shrinks every matrix and embedding, and the LayerNorm
+    weights and the biases too unless --decay_norms_and_biases is false."""
+    cfg = cpu_config(decay_norms_and_biases=decay_norms_and_biases)
+    model = make_model()
+    optimizer, _ = step.make_optimizer(cfg, model, torch.device("cpu"), 10)
+    with torch.no_grad():  # biases start at zero, which no decay changes
+        for p in model.parameters():
+            p.add_(1.0)
+            p.grad = torch.zeros_like(p)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer.step()
+    for name, p in model.named_parameters():
+        shrunk = p.abs().sum() < before[name].abs().sum()
+        assert shrunk == (p.dim() > 1 or decay_norms_and_biases), name
+
+
 def test_bf16_autocast_trains_on_cpu():
     cfg = cpu_config(amp="bf16")
     model = make_model().train()
@@ -84,8 +102,9 @@ def test_onecycle_ends_exactly_at_its_total(tmp_path):
     assert checkpoint["step"] == checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == 7
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    args = ("--epochs", "2", "--dropout", "0.2")
+@pytest.mark.parametrize("decay", [(), ("--decay_norms_and_biases", "false")])  # one or two parameter groups
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, decay):
+    args = ("--epochs", "2", "--dropout", "0.2", *decay)
     train.main(tiny_args(tmp_path / "straight", *args))
     steps_per_epoch = read_metrics(tmp_path / "straight")[0]["step"]
     crash_at(monkeypatch, steps_per_epoch + 1, "kill")  # dies in the first step of epoch 2
@@ -94,12 +113,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch)
     assert len(read_metrics(tmp_path / "resumed")) == 1
     monkeypatch.undo()
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert len(resumed) == 2
-    for a, b in zip(straight, resumed):
-        assert a["step"] == b["step"]
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert len(read_metrics(tmp_path / "resumed")) == 2
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed")
 
 
 @pytest.mark.parametrize("averaging", [("--ema_decay", "0"), ("--ema_decay", "0.8")])
@@ -114,11 +129,8 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, mon
     assert (checkpoint["epoch"], checkpoint["batch_in_epoch"], checkpoint["step"]) == (0, 4, 4)
     monkeypatch.undo()
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert len(resumed) == 2
-    for a, b in zip(straight, resumed):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert len(read_metrics(tmp_path / "resumed")) == 2
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_moving_average_of_the_weights_is_what_is_evaluated_and_saved(tmp_path, monkeypatch):
@@ -589,10 +601,8 @@ def test_evaluations_come_at_their_interval_within_and_across_epochs_and_resume_
     train.main(tiny_args(tmp_path / "resumed", *args, "--resume", "auto"))
     resumed = read_metrics(tmp_path / "resumed")
     assert [line["epoch"] for line in resumed] == [1.5, 3, 4.5, 6]
-    for a, b in zip(straight, resumed):
-        assert (a["step"], a["epoch_seconds"]) == (b["step"], pytest.approx(b["epoch_seconds"]))
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    assert [a["epoch_seconds"] for a in straight] == pytest.approx([b["epoch_seconds"] for b in resumed])
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_epochs_auto_means_ten_or_as_many_as_the_time_budget_allows(tmp_path, monkeypatch):
@@ -618,10 +628,7 @@ def test_a_resumed_run_keeps_the_batches_and_rate_its_autos_resolved_to(tmp_path
     train.main(tiny_args(tmp_path / "resumed", "--dropout", "0.2", *autos))
     saved = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["config"]
     assert (saved["max_tokens"], saved["batch_shape"], saved["lr"], saved["epochs"]) == (700, "fixed", 1e-3, 2)
-    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [line["step"] for line in straight] == [line["step"] for line in resumed]
-    for a, b in zip(straight, resumed):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    assert_same_training(tmp_path / "straight", tmp_path / "resumed", names=("train_loss",))
 
 
 def test_one_loader_serves_every_epoch_of_a_run(tmp_path, monkeypatch):
