@@ -3,6 +3,7 @@ length-bucketed, packed, or of one fixed shape), and the DataLoader that serves 
 
 Knows nothing about the model, the files the pairs came from, or their tokenizers.
 """
+import array
 import concurrent.futures
 import itertools
 import math
@@ -67,8 +68,9 @@ class TranslationDataset(torch.utils.data.Dataset):
         return self.tgt_flat[start:start + self.tgt_lengths[index] - 1].tolist()
 
     def lengths(self):
-        """(source, target) lengths of each example as the model sees them, specials included."""
-        return list(zip(self.src_lengths.tolist(), self.tgt_lengths.tolist()))
+        """(source lengths, target lengths) of the examples as the model sees them, specials included: the arrays
+        themselves, not a copy."""
+        return self.src_lengths, self.tgt_lengths
 
 
 def padded_length(length, multiple):
@@ -96,8 +98,7 @@ def pack_rows(lengths, pack_length):
 def fixed_shape(lengths, max_tokens, pack_length, multiple):
     """(rows, source width, target width) of every batch under --batch_shape fixed: rows as wide as the longest
     example on each side (or pack_length), as many as max_tokens (source + target, padding included) allows."""
-    src_width = padded_length(max(pack_length, max(s for s, _ in lengths)), multiple)
-    tgt_width = padded_length(max(pack_length, max(t for _, t in lengths)), multiple)
+    src_width, tgt_width = (padded_length(max(pack_length, int(side.max())), multiple) for side in columns(lengths))
     return max(1, max_tokens // (src_width + tgt_width)), src_width, tgt_width
 
 
@@ -212,6 +213,38 @@ class IndexedBatches(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- batching
 
+def columns(lengths):
+    """(source lengths, target lengths) as two integer arrays, from such a pair of arrays (what
+    TranslationDataset.lengths() gives, memory-mapped arrays uncopied) or from a sequence of (source, target)."""
+    if isinstance(lengths, tuple) and len(lengths) == 2 and all(isinstance(side, np.ndarray) and side.ndim == 1
+                                                                 for side in lengths):
+        return lengths
+    pairs = np.asarray(lengths, dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+class Plan:
+    """An epoch's batches of one rank, as index lists: batch b is flat[starts[b]:ends[b]], all of them in one
+    integer array (4 bytes an example, where a list of lists takes about 40)."""
+
+    def __init__(self, flat, starts, ends):
+        self.flat, self.starts, self.ends = flat, starts, ends
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return Plan(self.flat, self.starts[item], self.ends[item])
+        return self.flat[self.starts[item]:self.ends[item]].tolist()
+
+    def __iter__(self):
+        return (self[batch] for batch in range(len(self)))
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+
 class BatchSampler:
     """Batches of example indices, fresh for every (seed, epoch).
 
@@ -229,6 +262,9 @@ class BatchSampler:
     `draws` (see temperature_draws), a list of (example indices, examples per epoch): each epoch takes that
     many examples of each group instead of every example once, in a stream of seeded reshuffles of the group
     (a group drawn less than its size is seen whole over successive epochs; one drawn more, repeated).
+    Memory does not grow by more than a few bytes an example: `lengths` (see columns) are read where they lie,
+    and an epoch's order is shuffled in a 4-byte array (by random.shuffle, as a list would be, so that a
+    seed gives the batches it always gave).
     """
 
     def __init__(self, lengths, batch_size, max_tokens=0, batching="bucketed", shuffle=True, seed=0,
@@ -236,12 +272,15 @@ class BatchSampler:
         if batching not in BATCHINGS:
             raise ValueError(f"unknown batching {batching!r}")
         self.shape, self.draws = shape, draws
-        self.lengths, self.batch_size, self.max_tokens = lengths, batch_size, max_tokens
+        self.src_lengths, self.tgt_lengths = columns(lengths)
+        self.batch_size, self.max_tokens = batch_size, max_tokens
         self.batching, self.shuffle, self.seed = batching, shuffle, seed
         self.rank, self.world_size, self.pool_batches = rank, world_size, pool_batches
         self.epoch, self.start_batch, self._planned, self._planner = 0, 0, {}, None
-        if len(lengths) < world_size:
-            raise RunError(f"{len(lengths)} training pairs cannot be shared among {world_size} processes")
+        self.n_examples = len(self.src_lengths)
+        self.typecode = "i" if self.n_examples < 2 ** 31 else "q"  # array.array's codes, numpy's too
+        if self.n_examples < world_size:
+            raise RunError(f"{self.n_examples} training pairs cannot be shared among {world_size} processes")
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
@@ -274,88 +313,124 @@ class BatchSampler:
             yield from batches[start_batch:]
             epoch, start_batch = epoch + 1, 0
 
+    def _indices(self, values):
+        return array.array(self.typecode, np.ascontiguousarray(values, dtype=self.typecode).tobytes())
+
     def _make_batches(self, epoch):
         rng = random.Random(self.seed * 1_000_003 + epoch)
-        order = list(range(len(self.lengths))) if self.draws is None else self._drawn(epoch)
+        indices = array.array(self.typecode, range(self.n_examples)) if self.draws is None else self._drawn(epoch)
         if self.shuffle:
-            rng.shuffle(order)
+            rng.shuffle(indices)
         if self.batching == "bucketed":
+            order = np.frombuffer(indices, dtype=self.typecode)
             pool = self.pool_batches * (self.batch_size if not self.max_tokens else
                                         max(1, self.max_tokens // max(1, self._mean_length())))
-            order = [i for start in range(0, len(order), pool)
-                     for i in sorted(order[start:start + pool], key=self._snake)]
+            for start in range(0, len(order), pool):
+                order[start:start + pool] = order[start:start + pool][np.argsort(self._snake(order[start:start + pool]),
+                                                                                 kind="stable")]
+            del order
         if self.shape:
-            batches = [[i for row in rows for i in row] for rows in self._first_fit(order)]
+            indices, ends = self._first_fit(indices)
         else:
-            batches = self._cut(order)
+            ends = self._cut(indices)
+        starts = np.concatenate([[0], ends[:-1]])
         if self.shuffle:
-            rng.shuffle(batches)
-        while len(batches) % self.world_size:  # split the largest batch until every rank gets as many
-            largest = max(range(len(batches)), key=lambda b: len(batches[b]))
-            batch = batches.pop(largest)
-            if len(batch) < 2:
+            batch_order = self._indices(np.arange(len(ends)))
+            rng.shuffle(batch_order)
+            starts, ends = starts[batch_order], ends[batch_order]
+        while len(ends) % self.world_size:  # split the largest batch until every rank gets as many
+            largest = int(np.argmax(ends - starts))
+            middle = starts[largest] + (ends[largest] - starts[largest]) // 2
+            if ends[largest] - starts[largest] < 2:
                 raise RunError(f"too few training pairs to give {self.world_size} processes equal batches")
-            batches[largest:largest] = [batch[:len(batch) // 2], batch[len(batch) // 2:]]
-        return batches[self.rank::self.world_size]
+            starts, ends = np.insert(starts, largest + 1, middle), np.insert(ends, largest, middle)
+        return self._kept(indices, starts[self.rank::self.world_size], ends[self.rank::self.world_size])
+
+    def _kept(self, indices, starts, ends):
+        """The Plan of the batches indices[starts[b]:ends[b]]: moved to the front of `indices` in place (each
+        batch only leftwards, in the order they lie), which is then cut short, so that an epoch's order is
+        never copied whole: a rank keeps its share of it, and no more."""
+        order, kept, position = np.frombuffer(indices, dtype=self.typecode), np.empty_like(starts), 0
+        for batch in np.argsort(starts, kind="stable").tolist():
+            start, end = int(starts[batch]), int(ends[batch])
+            order[position:position + end - start] = order[start:end]
+            kept[batch], position = position, position + end - start
+        del order  # a view of the array blocks its resizing
+        del indices[position:]
+        return Plan(np.frombuffer(indices, dtype=self.typecode), kept, kept + (ends - starts))
 
     def _drawn(self, epoch):
         """This epoch's examples under self.draws: of each group, the next `count` of its stream, the stream being
         the group's members reshuffled afresh (seeded) at every pass through them."""
-        order = []
+        order = array.array(self.typecode)
         for number, (members, count) in enumerate(self.draws):
             first, last = epoch * count, (epoch + 1) * count  # positions in the group's stream
             for cycle in range(first // len(members), -(-last // len(members))):
-                shuffled = list(members)
+                shuffled = self._indices(members)
                 random.Random(f"{self.seed} {number} {cycle}").shuffle(shuffled)
                 start = cycle * len(members)
                 order += shuffled[max(first, start) - start:min(last, start + len(members)) - start]
         return order
 
-    def _snake(self, i):
-        """Sort by source length, then by target length alternately up and down, so that a batch
+    def _snake(self, indices):
+        """Sort keys: by source length, then by target length alternately up and down, so that a batch
         straddling two source lengths holds targets of similar length."""
-        src_len, tgt_len = self.lengths[i]
-        return src_len, tgt_len if src_len % 2 == 0 else -tgt_len
+        src_len, tgt_len = self.src_lengths[indices].astype(np.int64), self.tgt_lengths[indices].astype(np.int64)
+        return (src_len << 32) + np.where(src_len % 2 == 0, tgt_len, -tgt_len)
 
     def _mean_length(self):
-        return sum(s + t for s, t in self.lengths) // len(self.lengths)
+        return int(self.src_lengths.sum(dtype=np.int64) + self.tgt_lengths.sum(dtype=np.int64)) // self.n_examples
+
+    def _lengths_in(self, order, chunk=1 << 14):
+        """(example, source length, target length) of the examples in this order, read a chunk at a time."""
+        for start in range(0, len(order), chunk):
+            indices = np.asarray(order[start:start + chunk], dtype=np.int64)
+            yield from zip(indices.tolist(), self.src_lengths[indices].tolist(), self.tgt_lengths[indices].tolist())
 
     def _cut(self, order):
-        batches, batch, src_max, tgt_max, real = [], [], 0, 0, 0
-        for i in order:
-            src_len, tgt_len = self.lengths[i]
+        """Where each batch of the examples in this order ends."""
+        ends, size, src_max, tgt_max, real = array.array("q"), 0, 0, 0, 0
+        for position, (_, src_len, tgt_len) in enumerate(self._lengths_in(order)):
             new_src, new_tgt, new_real = max(src_max, src_len), max(tgt_max, tgt_len), real + src_len + tgt_len
             if not self.max_tokens:
-                full = len(batch) == self.batch_size
+                full = size == self.batch_size
             elif self.batching == "packed":  # packed rows are almost all real tokens
                 full = new_real > self.max_tokens
             else:
-                full = (len(batch) + 1) * (new_src + new_tgt) > self.max_tokens
-            if batch and full:
-                batches.append(batch)
-                batch, new_src, new_tgt, new_real = [], src_len, tgt_len, src_len + tgt_len
-            batch.append(i)
+                full = (size + 1) * (new_src + new_tgt) > self.max_tokens
+            if size and full:
+                ends.append(position)
+                size, new_src, new_tgt, new_real = 0, src_len, tgt_len, src_len + tgt_len
+            size += 1
             src_max, tgt_max, real = new_src, new_tgt, new_real
-        if batch:
-            batches.append(batch)
-        return batches
+        if size:
+            ends.append(len(order))
+        return np.frombuffer(ends, dtype=np.int64)
 
     def _first_fit(self, order):
-        """The examples in this order packed into batches of self.shape's rows; returns each batch's rows."""
+        """The examples in this order packed into batches of self.shape's rows (see first_fit): (the examples,
+        row after row, batch after batch; where each batch ends)."""
+        laid_out, ends = array.array(self.typecode), array.array("q")
+        for rows in self.first_fit(order):
+            for row in rows:
+                laid_out.extend(row)
+            ends.append(len(laid_out))
+        return laid_out, np.frombuffer(ends, dtype=np.int64)
+
+    def first_fit(self, order):
+        """The rows of each batch of self.shape that first-fit makes of the examples in this order."""
         n_rows, src_width, tgt_width = self.shape
-        lengths = self.lengths
         # a row with less room than the shortest example on either side takes no more: it leaves the search
-        shortest_src, shortest_tgt = min(s for s, _ in lengths), min(t for _, t in lengths)
-        batches, rows = [], []
+        shortest_src, shortest_tgt = int(self.src_lengths.min()), int(self.tgt_lengths.min())
+        rows = []
         src_room, tgt_room, open_rows = [], [], []  # the rows still searched: their room on each side, their examples
-        for i in order:
-            src_len, tgt_len = lengths[i]
+        for i, src_len, tgt_len in self._lengths_in(order):
             for k, room in enumerate(src_room):
                 if room >= src_len and tgt_room[k] >= tgt_len:
                     break
             else:
                 if len(rows) == n_rows:  # fits in no row: the batch is full
-                    batches.append(rows)
+                    yield rows
                     rows, src_room, tgt_room, open_rows = [], [], [], []
                 rows.append([])
                 src_room.append(src_width)
@@ -367,7 +442,7 @@ class BatchSampler:
             tgt_room[k] -= tgt_len
             if src_room[k] < shortest_src or tgt_room[k] < shortest_tgt:
                 del src_room[k], tgt_room[k], open_rows[k]
-        return batches + [rows]
+        yield rows
 
     def __iter__(self):
         return iter(self.batches()[self.start_batch:])
@@ -383,14 +458,13 @@ def temperature_draws(groups, temperature):
     small file is not drowned by a large one. Returns [(example indices, examples per epoch)], or None at 1."""
     if temperature == 1 or groups is None:
         return None
-    members = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    if len(members) < 2:  # one file: nothing to reweigh
+    names, sizes = np.unique(np.asarray(groups), return_counts=True)
+    if len(names) < 2:  # one file: nothing to reweigh
         return None
-    weights = {group: len(indices) ** (1 / temperature) for group, indices in sorted(members.items())}
-    total = sum(weights.values())
-    return [(members[group], max(1, round(len(groups) * weight / total))) for group, weight in weights.items()]
+    members = np.split(np.argsort(groups, kind="stable").astype(np.int32 if len(groups) < 2 ** 31 else np.int64),
+                       np.cumsum(sizes)[:-1])
+    weights = sizes.astype(np.float64) ** (1 / temperature)
+    return [(group, max(1, round(len(groups) * weight / weights.sum()))) for group, weight in zip(members, weights)]
 
 
 def make_sampler(cfg, lengths, rank=0, world_size=1, shuffle=True, shape=None, groups=None):

@@ -75,7 +75,7 @@ def epoch_pad_fraction(sampler, pad_multiple, fixed_lengths, pack_length):
     """Padding share of a whole epoch of this sampler's batches (the timed run sees only some of them)."""
     real, padded = 0, 0
     for batch in sampler.batches():
-        lengths = [sampler.lengths[i] for i in batch]
+        lengths = list(zip(sampler.src_lengths[batch].tolist(), sampler.tgt_lengths[batch].tolist()))
         rows, src_len, tgt_len = batching.batch_layout(lengths, pad_multiple, fixed_lengths, pack_length,
                                                       sampler.shape)
         real += sum(s + t for s, t in lengths)
@@ -286,8 +286,7 @@ def main(argv=None):
         raise RunError("bench.py needs --data_files (local pairs; the benchmark never downloads)")
     _, _, device = runtime.setup_distributed(cfg)
     data = dataset.prepare_data(cfg, log=log)
-    lengths = data.train.lengths()
-    longest = (max(s for s, _ in lengths), max(t for _, t in lengths))
+    longest = tuple(int(side.max()) for side in data.train.lengths())
     # the amp variants: fp16 + GradScaler on CUDA; bf16 on a CPU where its products run faster than fp32's, else
     # fp32 (a CPU without bf16 units runs them at a fraction of its fp32 speed)
     amp = "fp16" if device.type == "cuda" else "bf16" if runtime.amp_dtype("auto", device) else "off"

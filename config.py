@@ -168,7 +168,7 @@ class Config:
         bounds=(0, 10))
     weight_decay: float = OPTIMISATION(0.01, "AdamW weight decay", bounds=(0, 10))
     decay_norms_and_biases: bool = OPTIMISATION(
-        True, "weight decay also on LayerNorm weights and biases (reference); false: on matrices and embeddings only")
+        False, "weight decay also on LayerNorm weights and biases (reference); false: on matrices and embeddings only")
     pct_start: float = OPTIMISATION(0.1, "share of steps spent warming up to the peak lr", bounds=(0, 1))
     three_phase: bool = OPTIMISATION(
         False, "OneCycle: also anneal back to the initial lr before the final decay (reference)")

@@ -5,6 +5,7 @@ Pure PyTorch: knows nothing about tokenizers, files or data. Token ids in, logit
 import contextlib
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -203,21 +204,22 @@ class Transformer(nn.Module):
 
     def training_flops_per_token(self, lengths):
         """Analytic matmul FLOPs of one training step per real (source + target) token, for examples of these
-        (source, target) lengths: forward and backward (2 + 4 FLOPs per multiply-add) through every layer use,
-        the output projection, and attention scores within each sentence (causal self-attention counted half).
-        Embedding lookups and the optimizer are left out, as in the usual model-FLOPs-utilisation count."""
+        lengths (source lengths, target lengths): forward and backward (2 + 4 FLOPs per multiply-add) through every
+        layer use, the output projection, and attention scores within each sentence (causal self-attention counted
+        half). Embedding lookups and the optimizer are left out, as in the usual model-FLOPs-utilisation count."""
         d, n, vocab = self.d_model, len(self.encoder_layers), self.output.out_features
         n_decoder, n_decoder_blocks = len(self.decoder_layers), len(set(self.decoder_layers))
         d_ff = self.encoder_layers[0].ff[0].out_features
-        multiply_adds, tokens = 0, 0
-        for s, t in lengths:
-            encoder = n * (s * (4 * d * d + 2 * d * d_ff) + 2 * s * s * d)
-            # the memory's keys and values are computed once per decoder block (see memory_keys_values)
-            decoder = (n_decoder * (t * (6 * d * d + 2 * d * d_ff) + t * t * d + 2 * t * s * d)
-                       + n_decoder_blocks * s * 2 * d * d)
-            multiply_adds += encoder + decoder + t * d * vocab
-            tokens += s + t
-        return 6 * multiply_adds / tokens
+        s_sum = s2_sum = t_sum = t2_sum = ts_sum = 0  # the count is linear in these, summed a chunk at a time
+        for start in range(0, len(lengths[0]), 1 << 16):
+            s, t = (np.asarray(side[start:start + (1 << 16)], dtype=np.int64) for side in lengths)
+            s_sum, s2_sum, t_sum = s_sum + int(s.sum()), s2_sum + int((s * s).sum()), t_sum + int(t.sum())
+            t2_sum, ts_sum = t2_sum + int((t * t).sum()), ts_sum + int((t * s).sum())
+        encoder = n * (s_sum * (4 * d * d + 2 * d * d_ff) + 2 * s2_sum * d)
+        # the memory's keys and values are computed once per decoder block (see memory_keys_values)
+        decoder = (n_decoder * (t_sum * (6 * d * d + 2 * d * d_ff) + t2_sum * d + 2 * ts_sum * d)
+                   + n_decoder_blocks * s_sum * 2 * d * d)
+        return 6 * (encoder + decoder + t_sum * d * vocab) / (s_sum + t_sum)
 
     def _embed(self, embedding, ids, offset=0, segments=None):
         if segments is None:

@@ -42,7 +42,7 @@ def assert_same_data(a, b):
     for i in range(len(a.train)):
         assert a.train.source(i) == b.train.source(i) and a.train.target(i) == b.train.target(i)
         assert [t.tolist() for t in a.train[i]] == [t.tolist() for t in b.train[i]]
-    assert a.train.lengths() == b.train.lengths()
+    assert all(np.array_equal(x, y) for x, y in zip(a.train.lengths(), b.train.lengths()))
     assert list(a.train_files) == list(np.asarray(b.train_files))
     assert (a.val_pairs, a.fingerprint, a.eval_fingerprint, a.n_train_pairs) == (
         b.val_pairs, b.fingerprint, b.eval_fingerprint, b.n_train_pairs)

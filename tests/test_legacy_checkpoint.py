@@ -102,7 +102,8 @@ def separate_self_attention_projections(checkpoint, model):
 
 
 def test_a_checkpoint_with_separate_self_attention_projections_resumes_exactly(tmp_path, monkeypatch):
-    args = ("--epochs", "2", "--ema_decay", "0.8", "--dropout", "0.2")
+    # one parameter group, as every checkpoint of that layout had (they predate --decay_norms_and_biases)
+    args = ("--epochs", "2", "--ema_decay", "0.8", "--dropout", "0.2", "--decay_norms_and_biases", "true")
     train.main(tiny_args(tmp_path / "straight", *args))
     crash_at(monkeypatch, 4, "sigterm")
     with pytest.raises(SystemExit):

@@ -151,6 +151,6 @@ def test_a_shallow_decoder_draws_on_its_own_blocks():
     src, tgt = random_batch([6, 4]), random_batch([5, 3], seed=1)
     assert model(src, tgt).shape == (2, 5, 40)
     deep = Transformer(40, 40, PAD, d_model=32, n_heads=4, d_ff=64, n_layers=6, n_unique_layers=3, share="cycle_rev")
-    lengths = [(10, 12)] * 3
+    lengths = [10] * 3, [12] * 3
     assert model.training_flops_per_token(lengths) < 0.75 * deep.training_flops_per_token(lengths)
     assert len(deep.decoder_layers) == 6  # 0: as many decoder layers as encoder layers

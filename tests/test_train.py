@@ -102,7 +102,7 @@ def test_onecycle_ends_exactly_at_its_total(tmp_path):
     assert checkpoint["step"] == checkpoint["scheduler"]["last_epoch"] == checkpoint["scheduler"]["total_steps"] == 7
 
 
-@pytest.mark.parametrize("decay", [(), ("--decay_norms_and_biases", "false")])  # one or two parameter groups
+@pytest.mark.parametrize("decay", [(), ("--decay_norms_and_biases", "true")])  # two parameter groups or one
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, decay):
     args = ("--epochs", "2", "--dropout", "0.2", *decay)
     train.main(tiny_args(tmp_path / "straight", *args))
@@ -390,6 +390,7 @@ def test_readme_reference_command_builds_the_reference_recipe():
     assert (cfg.n_decoder_layers or cfg.n_layers) == 6 and cfg.ema_decay == 0 and cfg.tokenizer == "word"
     assert not cfg.lowercase_source
     assert (cfg.max_len_ratio, cfg.max_len_diff, cfg.sampling_temperature) == (1, 10, 1)  # target <= source + 10
+    assert cfg.weight_decay == 0.01 and cfg.decay_norms_and_biases  # every parameter decayed
     total = 1000
     reference_optimizer = torch.optim.AdamW(make_model().parameters())
     reference = torch.optim.lr_scheduler.OneCycleLR(reference_optimizer, max_lr=1e-3, total_steps=total,
